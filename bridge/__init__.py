@@ -1,0 +1,68 @@
+"""The Mailio bridge for Postal.
+
+``create_app`` is the only place that wires settings, stores and blueprints together; the
+worker builds the same ``Bridge`` through ``bridge.context``. Imports run one way:
+web -> inbound/jobs -> store/postal/mailio -> sealing/mail -> settings.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from bridge.context import Bridge
+from bridge.errors import DependencyUnavailable
+from bridge.settings import Settings
+from bridge.store.objects import StorageUnavailable
+
+log = logging.getLogger("bridge")
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    configure_logging(settings)
+    bridge = Bridge(settings)
+    app = Flask(__name__)
+    app.config["MAX_FORM_MEMORY_SIZE"] = None
+    app.extensions["bridge"] = bridge
+
+    from bridge.web import api, ops, postal
+
+    app.register_blueprint(postal.blueprint)
+    app.register_blueprint(api.blueprint)
+    app.register_blueprint(ops.blueprint)
+    ops.mount_dashboard(app, bridge)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        response = jsonify({"error": (exc.name or "error").lower()})
+        response.status_code = exc.code or 500
+        return response
+
+    @app.errorhandler(DependencyUnavailable)
+    @app.errorhandler(StorageUnavailable)
+    def dependency_down(exc: Exception) -> Response:
+        log.error("dependency unavailable: %s", exc.__class__.__name__)
+        response = jsonify({"error": "a dependency is unavailable, retry later"})
+        response.status_code = 503
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        # One line, no traceback and no message (it could carry data): the class and the place.
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+        log.error("unexpected %s at %s", exc.__class__.__name__, where)
+        response = jsonify({"error": "internal error, retry later"})
+        response.status_code = 503
+        return response
+
+    return app

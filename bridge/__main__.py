@@ -1,0 +1,250 @@
+"""The operator's and the owner's command line: ``python -m bridge <verb>``.
+
+Server side (reads the bridge's settings): ``mailbox add|list|alias|token``, ``rebuild-index``,
+``worker``, ``run``. Client side (talks to the API over HTTP, holds the owner's key):
+``mail list``, ``mail read``. Errors print one line to stderr and exit 1 or 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from bridge.settings import Settings, SettingsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"mailio-bridge: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"mailio-bridge: {exc}", file=sys.stderr)
+        return 1
+
+
+class CommandError(Exception):
+    """A command cannot do what was asked; the message is shown as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bridge", description="The Mailio bridge for Postal.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    mailbox = verbs.add_parser("mailbox", help="create and list mailboxes, issue API tokens").add_subparsers(
+        dest="action", required=True
+    )
+    add = mailbox.add_parser("add", help="create a mailbox (generates the owner's keys unless given)")
+    add.add_argument("email")
+    add.add_argument("--ed25519-public", help="the owner's Ed25519 public key, standard base64")
+    add.add_argument("--x25519-public", help="the owner's X25519 public key, standard base64")
+    add.add_argument("--key-out", help="where to write generated private keys (default ./<address>.key.json)")
+    add.set_defaults(func=cmd_mailbox_add)
+    mailbox.add_parser("list", help="list mailboxes as JSON lines").set_defaults(func=cmd_mailbox_list)
+    alias = mailbox.add_parser("alias", help="deliver mail for ALIAS to EMAIL's mailbox")
+    alias.add_argument("email")
+    alias.add_argument("alias")
+    alias.set_defaults(func=cmd_mailbox_alias)
+    token = mailbox.add_parser("token", help="issue an API bearer token (printed alone on the last line)")
+    token.add_argument("email")
+    token.set_defaults(func=cmd_mailbox_token)
+
+    mail = verbs.add_parser("mail", help="client side: list and read your mail").add_subparsers(
+        dest="action", required=True
+    )
+    for name, helptext in (("list", "list a folder"), ("read", "fetch and decrypt one message to stdout")):
+        sub = mail.add_parser(name, help=helptext)
+        sub.add_argument("--url", default=os.environ.get("BRIDGE_API_URL", "http://127.0.0.1:8080"))
+        sub.add_argument("--token", default=os.environ.get("BRIDGE_API_TOKEN"), help="or BRIDGE_API_TOKEN")
+        if name == "list":
+            sub.add_argument("--folder", default="inbox")
+            sub.set_defaults(func=cmd_mail_list)
+        else:
+            sub.add_argument("id")
+            sub.add_argument("--key", required=True, help="your key file (from `mailbox add`)")
+            sub.set_defaults(func=cmd_mail_read)
+
+    verbs.add_parser("rebuild-index", help="restore Redis indexes from the object store").set_defaults(
+        func=cmd_rebuild_index
+    )
+    worker = verbs.add_parser("worker", help="run the RQ worker for every bridge queue, with its scheduler")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    worker.set_defaults(func=cmd_worker)
+    verbs.add_parser(
+        "run", help="embedded mode: Redis (if needed), web and worker; Ctrl-C stops all"
+    ).set_defaults(func=cmd_run)
+    return parser
+
+
+# --- mailboxes -------------------------------------------------------------------------------
+
+
+def _bridge() -> Any:
+    from bridge.context import Bridge
+
+    settings = Settings.from_env()
+    return Bridge(settings)
+
+
+def _directory() -> Any:
+    return _bridge().mailboxes
+
+
+def cmd_mailbox_add(args: argparse.Namespace) -> int:
+    from bridge.mailio.identity import generate_user_keys, parse_public_key_b64
+    from bridge.store.mailboxes import MailboxError
+
+    directory = _directory()
+    key_path = None
+    if args.ed25519_public or args.x25519_public:
+        if not (args.ed25519_public and args.x25519_public):
+            raise CommandError("give both --ed25519-public and --x25519-public, or neither")
+        try:
+            ed_public = parse_public_key_b64(args.ed25519_public, name="--ed25519-public")
+            x_public = parse_public_key_b64(args.x25519_public, name="--x25519-public")
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        keys = None
+    else:
+        keys = generate_user_keys()
+        ed_public, x_public = keys.ed25519_public, keys.x25519_public
+    try:
+        mailbox = directory.add(args.email, ed_public, x_public)
+    except MailboxError as exc:
+        raise CommandError(str(exc)) from None
+    if keys is not None:
+        key_path = Path(args.key_out or f"{mailbox.address}.key.json").resolve()
+        write_private_file(key_path, json.dumps(keys.to_key_file(mailbox.email), indent=2).encode())
+    out = {
+        "email": mailbox.email,
+        "address": mailbox.address,
+        "ed25519_public": mailbox.ed25519_public,
+        "x25519_public": mailbox.x25519_public,
+    }
+    if key_path is not None:
+        out["key_file"] = str(key_path)
+    print(json.dumps(out))
+    return 0
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Create a file only its owner can read; refuse to overwrite an existing key."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise CommandError(f"{path} exists already; not overwriting a key file") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def cmd_mailbox_list(args: argparse.Namespace) -> int:
+    for mailbox in _directory().all():
+        print(
+            json.dumps({"email": mailbox.email, "address": mailbox.address, "aliases": list(mailbox.aliases)})
+        )
+    return 0
+
+
+def cmd_mailbox_alias(args: argparse.Namespace) -> int:
+    from bridge.store.mailboxes import MailboxError
+
+    try:
+        mailbox = _directory().add_alias(args.email, args.alias)
+    except MailboxError as exc:
+        raise CommandError(str(exc)) from None
+    print(json.dumps({"email": mailbox.email, "address": mailbox.address, "aliases": list(mailbox.aliases)}))
+    return 0
+
+
+def cmd_mailbox_token(args: argparse.Namespace) -> int:
+    directory = _directory()
+    mailbox = directory.resolve(args.email, cached=False)
+    if mailbox is None:
+        raise CommandError("no such mailbox")
+    token = directory.issue_token(mailbox)
+    print(f"API token for {mailbox.email} (shown once; store it safely):")
+    print(token)
+    return 0
+
+
+# --- client side -----------------------------------------------------------------------------
+
+
+def _api_get(url: str, token: str | None, path: str) -> Any:
+    import requests
+
+    if not token:
+        raise CommandError("an API token is needed: --token or BRIDGE_API_TOKEN")
+    try:
+        response = requests.get(
+            f"{url.rstrip('/')}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
+    except requests.RequestException as exc:
+        raise CommandError(f"cannot reach {url}: {exc.__class__.__name__}") from None
+    if response.status_code != 200:
+        try:
+            reason = response.json().get("error", "")
+        except ValueError:
+            reason = response.text[:100]
+        raise CommandError(f"{response.status_code}: {reason}")
+    return response.json()
+
+
+def cmd_mail_list(args: argparse.Namespace) -> int:
+    data = _api_get(args.url, args.token, f"/api/v1/messages?folder={args.folder}")
+    for record in data["messages"]:
+        print(json.dumps(record))
+    return 0
+
+
+def cmd_mail_read(args: argparse.Namespace) -> int:
+    from bridge.mailio.identity import UserKeys
+    from bridge.sealing import SealingError, open_sealed
+
+    try:
+        key_file = json.loads(Path(args.key).read_text())
+        UserKeys.from_key_file(key_file)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"cannot use key file: {exc.__class__.__name__}") from None
+    data = _api_get(args.url, args.token, f"/api/v1/messages/{args.id}")
+    try:
+        plaintext = open_sealed(data["body"], key_file["encryption_key"])
+    except SealingError as exc:
+        raise CommandError(str(exc)) from None
+    sys.stdout.buffer.write(plaintext)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+# --- operations ------------------------------------------------------------------------------
+
+
+def cmd_rebuild_index(args: argparse.Namespace) -> int:
+    from bridge.maintenance import rebuild_index
+
+    counts = rebuild_index(_bridge())
+    print(json.dumps(counts))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from bridge.worker import run_worker
+
+    return run_worker(burst=args.burst)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bridge.embedded import run_embedded
+
+    return run_embedded()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Wiring: the one place that turns settings into connected stores, shared by web and worker.
+
+``Bridge`` holds the long-lived clients of one process (object store, Redis, Postal's keys).
+The web app builds one in ``create_app``; RQ jobs get the worker's through ``current()`` so
+a job and a request see the same stores configured the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from pathlib import Path
+
+import redis
+from rq import Queue
+
+from bridge.postal.signatures import PostalKeyring, load_public_keys
+from bridge.settings import Settings, SettingsError
+from bridge.store.index import MailIndex
+from bridge.store.mailboxes import MailboxDirectory
+from bridge.store.messages import MessageStore
+from bridge.store.objects import ObjectStore, open_object_store
+
+QUEUE_NAME = "bridge"
+
+
+class Bridge:
+    """The connected services of one process."""
+
+    def __init__(self, settings: Settings, *, fsync: bool | None = None) -> None:
+        self.settings = settings
+        try:
+            self.objects: ObjectStore = open_object_store(
+                settings.storage_url, fsync=settings.fsync if fsync is None else fsync
+            )
+        except ValueError as exc:
+            raise SettingsError(f"BRIDGE_STORAGE_URL: {exc}") from None
+        try:
+            keys = load_public_keys(settings.postal_public_keys) if settings.postal_public_keys else []
+        except ValueError as exc:
+            raise SettingsError(f"BRIDGE_POSTAL_PUBLIC_KEY: {exc}") from None
+        self.postal_keys = PostalKeyring(keys, settings.postal_jwks_url)
+        self.mailboxes = MailboxDirectory(self.objects)
+        self.messages = MessageStore(self.objects)
+
+    @cached_property
+    def redis_url(self) -> str:
+        """BRIDGE_REDIS_URL, or the private Redis that `make run` started in the data directory."""
+        if self.settings.redis_url:
+            return self.settings.redis_url
+        socket = embedded_redis_socket(self.settings)
+        if socket.exists():
+            return f"unix://{socket}"
+        raise SettingsError(
+            "BRIDGE_REDIS_URL is required (`make run` starts a private Redis when it is unset)"
+        )
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(
+            self.redis_url,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=30,
+        )
+
+    @cached_property
+    def index(self) -> MailIndex:
+        return MailIndex(self.redis)
+
+    @cached_property
+    def queue(self) -> Queue:
+        return Queue(QUEUE_NAME, connection=self.redis)
+
+
+def embedded_redis_socket(settings: Settings) -> Path:
+    return settings.data_dir / "redis" / "redis.sock"
+
+
+_current: Bridge | None = None
+_lock = threading.Lock()
+
+
+def current() -> Bridge:
+    """The worker process's Bridge, built from the environment on first use.
+
+    Worker-side object-store writes skip fsync: everything a job writes can be derived again
+    from what the request path wrote (and fsynced) before it answered Postal.
+    """
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Bridge(Settings.from_env(), fsync=False)
+        return _current
+
+
+def use(bridge: Bridge | None) -> None:
+    """Set the process's Bridge explicitly (the worker command, tests)."""
+    global _current
+    with _lock:
+        _current = bridge

@@ -1,0 +1,102 @@
+"""Accepting one verified Postal delivery: the work that must happen before Postal gets its 2xx.
+
+Order matters and every step is safe to repeat:
+
+1. resolve the mailbox (unknown -> the caller answers 404 or 429);
+2. derive the message id from Postal's delivery key (same id for every retry);
+3. seal the message to the owner and create the body object (create-only: a retry stores nothing);
+4. create the message record with the facts screening needs (create-only again);
+5. note it for filing in Redis (one round trip) and enqueue a filing job if none is queued.
+
+Only then is the delivery acknowledged. Filing into folders happens in the worker, in batches.
+This module knows nothing of Flask; it raises the stores' own errors for the web layer to map.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.context import Bridge
+from bridge.mail.headers import sender_facts
+from bridge.postal.payloads import InboundMessage
+from bridge.sealing import seal
+from bridge.store.messages import STATUS_RECEIVED, message_id
+
+log = logging.getLogger(__name__)
+
+STORED = "stored"
+DUPLICATE = "duplicate"
+UNKNOWN_RECIPIENT = "unknown recipient"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: str
+    message_id: str | None = None
+
+
+def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: str) -> Outcome:
+    mailbox = bridge.mailboxes.resolve(message.rcpt_to)
+    if mailbox is None:
+        return Outcome(UNKNOWN_RECIPIENT)
+    msg_id = message_id(message.delivery_key(postal_kid))
+    facts = sender_facts(message.message)
+    bridge.messages.create_body(
+        mailbox.address,
+        msg_id,
+        sealed_chunks(seal(message.message, [mailbox.recipient(bridge.settings.domain)])),
+    )
+    received_at = time.time()
+    spam = facts.postal_spam if message.spam_status is None else message.spam_status == "Spam"
+    record: dict[str, Any] = {
+        "id": msg_id,
+        "mailbox": mailbox.address,
+        "status": STATUS_RECEIVED,
+        "folder": None,
+        "received_at": received_at,
+        "size": len(message.message),
+        "source": "postal",
+        "postal": {
+            "kid": postal_kid,
+            "id": message.postal_id,
+            "token": message.token,
+            "rcpt_to": message.rcpt_to,
+            "mail_from": message.mail_from,
+            "format": message.format,
+            "rebuilt": message.rebuilt,
+        },
+        "sender": {
+            "from": facts.from_address,
+            "problem": facts.from_problem,
+            "client_ip": facts.client_ip,
+            "helo": facts.helo,
+        },
+        "spam": {"postal": spam, "score": facts.postal_spam_score},
+        "verdicts": {},
+        "reason": None,
+    }
+    created = bridge.messages.create_record(record)
+    if bridge.index.note_received(mailbox.address, msg_id, received_at):
+        enqueue_filing(bridge)
+    log.info(
+        "postal delivery %s: postal id %s -> %s", STORED if created else DUPLICATE, message.postal_id, msg_id
+    )
+    return Outcome(STORED if created else DUPLICATE, msg_id)
+
+
+def enqueue_filing(bridge: Bridge) -> None:
+    """Queue the batch filing job (the job ids nothing: it drains the index's unfiled set)."""
+    bridge.queue.enqueue(
+        "bridge.jobs.inbound.file_unfiled", job_timeout=600, result_ttl=60, failure_ttl=7 * 86400
+    )
+
+
+def sealed_chunks(document: dict[str, Any]) -> list[bytes]:
+    """The sealed JWE as JSON, in pieces, so a 25 MB ciphertext is not copied into one more string."""
+    ciphertext = document.pop("ciphertext")
+    head = json.dumps(document, separators=(",", ":"))
+    return [head[:-1].encode() + b',"ciphertext":"', ciphertext.encode("ascii"), b'"}']

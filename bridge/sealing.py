@@ -1,0 +1,65 @@
+"""Sealing: the one module that encrypts and decrypts stored mail.
+
+Every stored body is a JWE in General JSON serialization, ``alg: ECDH-ES+A256KW``,
+``enc: A256GCM``, one recipient entry per X25519 key with ``kid`` =
+``did:web:<domain>#<address>``. That is the shape of Mailio's own message bodies, so a
+Mailio client opens them with any JOSE library.
+
+The server only ever holds public keys: ``seal`` needs none of the owner's secrets, and
+``open_sealed`` runs on the owner's side (the ``mail read`` CLI). All cryptography is
+joserfc's; nothing here is written by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from joserfc import jwe
+from joserfc.errors import JoseError
+from joserfc.jwk import OKPKey
+
+KEY_ALGORITHM = "ECDH-ES+A256KW"
+CONTENT_ENCRYPTION = "A256GCM"
+
+
+class SealingError(ValueError):
+    """A key or a sealed document is unusable (wrong key, tampered, not a JWE)."""
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """Who can open a sealed body: a kid and the raw 32-byte X25519 public key."""
+
+    kid: str
+    x25519_public: bytes
+
+    def jwk(self) -> OKPKey:
+        x = base64.urlsafe_b64encode(self.x25519_public).rstrip(b"=").decode()
+        return OKPKey.import_key({"kty": "OKP", "crv": "X25519", "x": x})
+
+
+def seal(plaintext: bytes, recipients: list[Recipient]) -> dict[str, Any]:
+    """Encrypt ``plaintext`` to every recipient; returns the General JSON JWE as a dict."""
+    if not recipients:
+        raise SealingError("no recipient to seal to")
+    document = jwe.GeneralJSONEncryption({"enc": CONTENT_ENCRYPTION}, plaintext)
+    for recipient in recipients:
+        document.add_recipient({"alg": KEY_ALGORITHM, "kid": recipient.kid}, recipient.jwk())
+    return jwe.encrypt_json(document, None)
+
+
+def seal_to_json(plaintext: bytes, recipients: list[Recipient]) -> bytes:
+    """``seal`` serialized compactly, ready to store."""
+    return json.dumps(seal(plaintext, recipients), separators=(",", ":")).encode()
+
+
+def open_sealed(document: dict[str, Any], private_jwk: dict[str, Any]) -> bytes:
+    """Decrypt a sealed body with the owner's X25519 private JWK (client side only)."""
+    try:
+        key = OKPKey.import_key(private_jwk)
+        return jwe.decrypt_json(document, key).plaintext or b""
+    except (JoseError, ValueError, KeyError, TypeError) as exc:
+        raise SealingError(f"cannot open sealed body: {exc.__class__.__name__}") from exc

@@ -1,0 +1,182 @@
+"""Every setting of the bridge, read once from the environment and validated.
+
+This is the only module that reads ``os.environ`` for configuration. A missing or bad value
+stops start-up with one line that names the variable (``SettingsError``), never a traceback.
+The README's settings table mirrors ``SETTINGS`` below; keep them in step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class SettingsError(ValueError):
+    """A setting is missing or unusable; the message is one line naming the variable."""
+
+
+# name -> (default or None if required, one-line description). The README documents the same.
+SETTINGS: dict[str, tuple[str | None, str]] = {
+    "BRIDGE_DOMAIN": (
+        None,
+        "the mail domain host this bridge serves as a Mailio server (did:web host, JWE kids)",
+    ),
+    "BRIDGE_DATA_DIR": ("./var", "local working directory (embedded Redis socket, filesystem object store)"),
+    "BRIDGE_REDIS_URL": (
+        "",
+        "Redis for queues, dedupe cache and indexes; unset: `make run` starts a private one",
+    ),
+    "BRIDGE_STORAGE_URL": (
+        "",
+        "file:///path or s3://bucket[/prefix]; default file://<BRIDGE_DATA_DIR>/objects",
+    ),
+    "BRIDGE_POSTAL_URL": ("", "Postal's web URL (https://postal.example.com): JWKS for signatures, send API"),
+    "BRIDGE_POSTAL_PUBLIC_KEY": (
+        "",
+        "Postal's signing public key(s): PEM paths or DNS p= values, comma separated",
+    ),
+    "BRIDGE_POSTAL_API_KEY": ("", "Postal API credential for the send API (outbound)"),
+    "BRIDGE_UNKNOWN_RECIPIENT": (
+        "bounce",
+        "bounce (answer 404: Postal bounces) or drop (answer 429: dropped silently)",
+    ),
+    "BRIDGE_MAX_MESSAGE_BYTES": (
+        "26214400",
+        "largest accepted message in bytes after base64 decoding (413 above)",
+    ),
+    "BRIDGE_FSYNC": ("true", "fsync filesystem object-store writes before answering Postal (true/false)"),
+    "BRIDGE_DNS_NAMESERVERS": (
+        "",
+        "DNS servers as IP or IP:PORT, comma separated; unset: the system resolver",
+    ),
+    "BRIDGE_DASHBOARD_PASSWORD": (
+        "",
+        "password for the RQ dashboard at /rq (user `admin`); unset: dashboard off",
+    ),
+    "BRIDGE_LISTEN": ("127.0.0.1:8080", "host:port the web process binds (make run / python -m bridge run)"),
+    "BRIDGE_WEB_WORKERS": ("4", "gunicorn worker processes (make run / python -m bridge run)"),
+    "BRIDGE_LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
+}
+
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*(:\d{1,5})?$"
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    domain: str
+    data_dir: Path
+    redis_url: str
+    storage_url: str
+    postal_url: str
+    postal_public_keys: str
+    postal_api_key: str
+    unknown_recipient: str
+    max_message_bytes: int
+    fsync: bool
+    dns_nameservers: tuple[str, ...]
+    dashboard_password: str
+    listen: str
+    web_workers: int
+    log_level: str
+
+    @property
+    def postal_jwks_url(self) -> str | None:
+        return f"{self.postal_url.rstrip('/')}/.well-known/jwks.json" if self.postal_url else None
+
+    @property
+    def unknown_recipient_status(self) -> int:
+        """404 makes Postal bounce the sender; 429 makes it drop the message silently."""
+        return 404 if self.unknown_recipient == "bounce" else 429
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str:
+            default, _ = SETTINGS[name]
+            value = env.get(name, "").strip()
+            if value:
+                return value
+            if default is None:
+                raise SettingsError(f"{name} is required: {SETTINGS[name][1]}")
+            return default
+
+        domain = get("BRIDGE_DOMAIN").lower()
+        if not _DOMAIN.match(domain):
+            raise SettingsError("BRIDGE_DOMAIN must be a host name such as mail.example.com")
+        data_dir = Path(get("BRIDGE_DATA_DIR")).resolve()
+        storage_url = get("BRIDGE_STORAGE_URL") or f"file://{data_dir / 'objects'}"
+        _check_storage_url(storage_url)
+        redis_url = get("BRIDGE_REDIS_URL")
+        if redis_url and urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise SettingsError("BRIDGE_REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        postal_url = get("BRIDGE_POSTAL_URL")
+        if postal_url and urlparse(postal_url).scheme not in ("http", "https"):
+            raise SettingsError("BRIDGE_POSTAL_URL must be an http(s):// URL")
+        unknown = get("BRIDGE_UNKNOWN_RECIPIENT").lower()
+        if unknown not in ("bounce", "drop"):
+            raise SettingsError("BRIDGE_UNKNOWN_RECIPIENT must be bounce or drop")
+        max_bytes = _positive_int("BRIDGE_MAX_MESSAGE_BYTES", get("BRIDGE_MAX_MESSAGE_BYTES"))
+        workers = _positive_int("BRIDGE_WEB_WORKERS", get("BRIDGE_WEB_WORKERS"))
+        fsync = _boolean("BRIDGE_FSYNC", get("BRIDGE_FSYNC"))
+        nameservers = tuple(n.strip() for n in get("BRIDGE_DNS_NAMESERVERS").split(",") if n.strip())
+        for ns in nameservers:
+            if not re.match(r"^[0-9a-fA-F.:\[\]]+$", ns):
+                raise SettingsError("BRIDGE_DNS_NAMESERVERS must be IP or IP:PORT entries, comma separated")
+        listen = get("BRIDGE_LISTEN")
+        if not re.match(r"^[^\s:]+:\d{1,5}$", listen):
+            raise SettingsError("BRIDGE_LISTEN must be host:port")
+        level = get("BRIDGE_LOG_LEVEL").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise SettingsError("BRIDGE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        return cls(
+            domain=domain,
+            data_dir=data_dir,
+            redis_url=redis_url,
+            storage_url=storage_url,
+            postal_url=postal_url,
+            postal_public_keys=get("BRIDGE_POSTAL_PUBLIC_KEY"),
+            postal_api_key=get("BRIDGE_POSTAL_API_KEY"),
+            unknown_recipient=unknown,
+            max_message_bytes=max_bytes,
+            fsync=fsync,
+            dns_nameservers=nameservers,
+            dashboard_password=get("BRIDGE_DASHBOARD_PASSWORD"),
+            listen=listen,
+            web_workers=workers,
+            log_level=level,
+        )
+
+
+def _positive_int(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number") from None
+    if number <= 0:
+        raise SettingsError(f"{name} must be greater than zero")
+    return number
+
+
+def _boolean(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false")
+
+
+def _check_storage_url(url: str) -> None:
+    parsed = urlparse(url)
+    if parsed.scheme == "file" and parsed.path.startswith("/"):
+        return
+    if parsed.scheme == "s3" and parsed.netloc:
+        return
+    raise SettingsError("BRIDGE_STORAGE_URL must be file:///absolute/path or s3://bucket[/prefix]")

@@ -1,0 +1,172 @@
+"""The mailbox index in Redis: folders, listing, and the queue of messages waiting to be filed.
+
+Everything here can be rebuilt from the object store (``rebuild``), so losing Redis loses no
+mail. Keys (all under ``bridge:``)::
+
+    idx:<address>:<folder>   sorted set: message id -> received time (newest first when listing)
+    rec:<address>            hash: message id -> the message record as stored (JSON)
+    inbound:unfiled          sorted set: "<address>/<id>" -> received time; the filing job's work
+    inbound:drain            flag: a filing job is queued or running
+
+The inbound request path talks to Redis once (``note_received``); filing happens in batches in
+the worker, because one RQ job per message costs more than the whole request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from bridge.errors import RedisUnavailable
+from bridge.store.messages import STATUS_RECEIVED
+
+PREFIX = "bridge:"
+UNFILED = PREFIX + "inbound:unfiled"
+DRAIN_FLAG = PREFIX + "inbound:drain"
+DRAIN_FLAG_SECONDS = 120
+
+REDIS_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ResponseError,
+)
+
+
+def _folder_key(address: str, folder: str) -> str:
+    return f"{PREFIX}idx:{address}:{folder}"
+
+
+def _records_key(address: str) -> str:
+    return f"{PREFIX}rec:{address}"
+
+
+def _dump(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"), sort_keys=True)
+
+
+class MailIndex:
+    """Folder listings and the filing queue; every method maps Redis failures to RedisUnavailable."""
+
+    def __init__(self, connection: redis.Redis) -> None:
+        self._redis = connection
+
+    # --- the inbound request path ----------------------------------------------------------
+
+    def note_received(self, address: str, msg_id: str, received_at: float) -> bool:
+        """Queue a stored message for filing, in one round trip.
+
+        Returns True when no filing job is queued yet, so the caller must enqueue one.
+        """
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zadd(UNFILED, {f"{address}/{msg_id}": received_at}, nx=True)
+            pipe.set(DRAIN_FLAG, "1", nx=True, ex=DRAIN_FLAG_SECONDS)
+            _, flag_was_set = pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return bool(flag_was_set)
+
+    # --- the filing job -----------------------------------------------------------------------
+
+    def unfiled(self, limit: int) -> list[tuple[str, str]]:
+        """The oldest messages waiting to be filed, as (address, id)."""
+        try:
+            self._redis.expire(DRAIN_FLAG, DRAIN_FLAG_SECONDS)
+            members = self._redis.zrange(UNFILED, 0, limit - 1)
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        pairs = []
+        for member in members:
+            address, _, msg_id = member.decode().partition("/")
+            pairs.append((address, msg_id))
+        return pairs
+
+    def release_drain(self) -> bool:
+        """Called by a filing job that found nothing left: drop the flag, then look once more.
+
+        Returns True if work arrived meanwhile and this job took the flag back (keep going).
+        Ingest does ZADD-then-SET-NX and we do DEL-then-ZCARD-then-SET-NX, so every message
+        is seen either by this job or by a job the request enqueues.
+        """
+        try:
+            self._redis.delete(DRAIN_FLAG)
+            if self._redis.zcard(UNFILED) == 0:
+                return False
+            return bool(self._redis.set(DRAIN_FLAG, "1", nx=True, ex=DRAIN_FLAG_SECONDS))
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    def claim_drain(self) -> bool:
+        """Take the drain flag (worker start-up); False if a filing job is already queued."""
+        try:
+            return bool(self._redis.set(DRAIN_FLAG, "1", nx=True, ex=DRAIN_FLAG_SECONDS))
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    def file(self, filed: Iterable[tuple[dict[str, Any], str | None]]) -> None:
+        """Write records into their folders in one round trip: (record, previous folder or None)."""
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for record, previous in filed:
+                address, msg_id = record["mailbox"], record["id"]
+                if previous and previous != record["folder"]:
+                    pipe.zrem(_folder_key(address, previous), msg_id)
+                if record["status"] != STATUS_RECEIVED:
+                    pipe.zadd(_folder_key(address, record["folder"]), {msg_id: record["received_at"]})
+                    pipe.zrem(UNFILED, f"{address}/{msg_id}")
+                else:
+                    pipe.zadd(UNFILED, {f"{address}/{msg_id}": record["received_at"]}, nx=True)
+                pipe.hset(_records_key(address), msg_id, _dump(record))
+            pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    def forget_unfiled(self, address: str, msg_id: str) -> None:
+        try:
+            self._redis.zrem(UNFILED, f"{address}/{msg_id}")
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    # --- the owner's read side ----------------------------------------------------------------
+
+    def listing(
+        self, address: str, folder: str, *, limit: int, before: float | None = None
+    ) -> tuple[list[dict[str, Any]], float | None]:
+        """Records of one folder, newest first; returns (records, cursor for the next page or None)."""
+        maximum = f"({before!r}" if before is not None else "+inf"
+        try:
+            rows = self._redis.zrange(
+                _folder_key(address, folder),
+                maximum,
+                "-inf",
+                desc=True,
+                byscore=True,
+                offset=0,
+                num=limit + 1,
+                withscores=True,
+            )
+            page, more = rows[:limit], len(rows) > limit
+            raw = self._redis.hmget(_records_key(address), [m for m, _ in page]) if page else []
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        records = [json.loads(r) for r in raw if r is not None]
+        cursor = page[-1][1] if more and page else None
+        return records, cursor
+
+    def record(self, address: str, msg_id: str) -> dict[str, Any] | None:
+        try:
+            raw = self._redis.hget(_records_key(address), msg_id)
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return json.loads(raw) if raw else None
+
+    # --- rebuilding from the object store -----------------------------------------------------
+
+    def clear_mailbox(self, address: str, folders: Iterable[str]) -> None:
+        try:
+            self._redis.delete(_records_key(address), *(_folder_key(address, f) for f in folders))
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc

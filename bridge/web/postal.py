@@ -1,0 +1,113 @@
+"""Postal's HTTP endpoint: ``POST /postal/inbound``.
+
+Postal shows the first ~250 characters of our answer in its UI and decides from the status
+alone whether the sender gets a bounce, so every answer is deliberate (postal.md §1):
+
+====  ==========================================================  ==============================
+code  when                                                        what Postal does
+====  ==========================================================  ==============================
+200   stored, or a retry of a delivery already stored             done
+400   signed by Postal but not a well-formed delivery             hard fail, bounces the sender
+401   missing, wrong or tampered signature (not from Postal)      hard fail (it was not Postal)
+404   no such mailbox, BRIDGE_UNKNOWN_RECIPIENT=bounce            hard fail, bounces the sender
+429   no such mailbox, BRIDGE_UNKNOWN_RECIPIENT=drop              hard fail, no bounce
+413   over BRIDGE_MAX_MESSAGE_BYTES (checked before reading it)   hard fail, bounces the sender
+503   Redis, the object store or Postal's JWKS unreachable;       retried for about a day, so
+      no signing key configured yet                               nothing is lost
+====  ==========================================================  ==============================
+
+The signature is checked over the exact raw bytes before anything parses them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, current_app, request
+
+from bridge.context import Bridge
+from bridge.errors import DependencyUnavailable
+from bridge.inbound import UNKNOWN_RECIPIENT, accept_postal_delivery
+from bridge.postal.payloads import MessageTooLarge, PayloadError, parse_inbound
+from bridge.postal.signatures import KeysUnavailable, SignatureError
+from bridge.store.objects import StorageUnavailable
+
+log = logging.getLogger(__name__)
+blueprint = Blueprint("postal", __name__)
+
+_READ_CHUNK = 1 << 20
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def request_limit(max_message_bytes: int) -> int:
+    """The largest request body a message of the maximum size can produce.
+
+    Base64 with a newline every 60 characters, JSON-escaped (``\\n``) or form-encoded
+    (``%2B``, ``%2F``, ``%0A``), grows a message by at most ~1.5x; the rest is headroom for the
+    Hash format's other fields.
+    """
+    return max_message_bytes * 3 // 2 + (1 << 20)
+
+
+def _text(body: str, status: int) -> Response:
+    return Response(body + "\n", status=status, mimetype="text/plain")
+
+
+def _read_body(limit: int) -> bytearray:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _BodyTooLarge
+    stream = request.stream
+    if length is not None:
+        body = bytearray(length)
+        view, filled = memoryview(body), 0
+        while filled < length:
+            got = stream.readinto(view[filled : filled + _READ_CHUNK])
+            if not got:
+                break
+            filled += got
+        view.release()
+        del body[filled:]
+        return body
+    body = bytearray()
+    while chunk := stream.read(_READ_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise _BodyTooLarge
+    return body
+
+
+@blueprint.post("/postal/inbound")
+def inbound() -> Response:
+    bridge: Bridge = current_app.extensions["bridge"]
+    settings = bridge.settings
+    try:
+        body = _read_body(request_limit(settings.max_message_bytes))
+    except _BodyTooLarge:
+        return _text("message too large", 413)
+    try:
+        kid = bridge.postal_keys.verify(body, request.headers)
+    except SignatureError:
+        log.warning("postal inbound: signature rejected")
+        return _text("invalid signature", 401)
+    except KeysUnavailable:
+        log.error("postal inbound: no Postal signing key available (check BRIDGE_POSTAL_PUBLIC_KEY/URL)")
+        return _text("signing keys unavailable, retry later", 503)
+    try:
+        message = parse_inbound(body, request.content_type or "", settings.max_message_bytes)
+    except MessageTooLarge:
+        return _text("message too large", 413)
+    except PayloadError as exc:
+        return _text(f"malformed delivery: {exc}", 400)
+    del body
+    try:
+        outcome = accept_postal_delivery(bridge, message, kid)
+    except (DependencyUnavailable, StorageUnavailable) as exc:
+        log.error("postal inbound: %s", exc.__class__.__name__)
+        return _text("storage unavailable, retry later", 503)
+    if outcome.result == UNKNOWN_RECIPIENT:
+        return _text("unknown recipient", settings.unknown_recipient_status)
+    return _text(outcome.result, 200)

@@ -1,0 +1,123 @@
+"""Shared fixtures: a bridge wired to the suite's real Redis and a temporary object store.
+
+The servers themselves (Redis, moto, Ceph RGW, Knot) live in tests/servers.py and
+tests/dns_server.py; the Postal simulator in tests/postal_sim.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from rq import SimpleWorker
+from werkzeug.serving import make_server
+
+from bridge import context, create_app
+from bridge.context import Bridge
+from bridge.mailio.identity import UserKeys, generate_user_keys
+from bridge.settings import Settings
+from bridge.store.mailboxes import Mailbox
+from tests.postal_sim import PostalSigner
+
+pytest_plugins = ["tests.servers", "tests.dns_server"]
+
+DOMAIN = "mail.example.test"
+
+
+@pytest.fixture(scope="session")
+def postal_signer() -> PostalSigner:
+    return PostalSigner()
+
+
+def bridge_environment(tmp_path: Path, redis_url: str, signer: PostalSigner, **extra: str) -> dict[str, str]:
+    pem = tmp_path / "postal-signing.pem"
+    if not pem.exists():
+        pem.write_bytes(signer.public_pem())
+    return {
+        "BRIDGE_DOMAIN": DOMAIN,
+        "BRIDGE_DATA_DIR": str(tmp_path / "data"),
+        "BRIDGE_REDIS_URL": redis_url,
+        "BRIDGE_POSTAL_PUBLIC_KEY": str(pem),
+        "BRIDGE_FSYNC": "false",
+        **extra,
+    }
+
+
+@pytest.fixture
+def environment(tmp_path: Path, redis_url: str, postal_signer: PostalSigner) -> dict[str, str]:
+    return bridge_environment(tmp_path, redis_url, postal_signer)
+
+
+@pytest.fixture
+def settings(environment: dict[str, str]) -> Settings:
+    return Settings.from_env(environment)
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Flask]:
+    app = create_app(settings)
+    context.use(app.extensions["bridge"])
+    yield app
+    context.use(None)
+
+
+@pytest.fixture
+def bridge(app: Flask) -> Bridge:
+    return app.extensions["bridge"]
+
+
+@pytest.fixture
+def client(app: Flask) -> Any:
+    return app.test_client()
+
+
+@pytest.fixture
+def live_url(app: Flask) -> Iterator[str]:
+    """The app behind a real HTTP server on loopback, so the Postal simulator talks HTTP to it."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=5)
+
+
+@dataclass
+class Owner:
+    mailbox: Mailbox
+    keys: UserKeys
+    token: str
+
+    @property
+    def private_jwk(self) -> dict[str, Any]:
+        return self.keys.to_key_file(self.mailbox.email)["encryption_key"]
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def make_owner(bridge: Bridge, email: str) -> Owner:
+    keys = generate_user_keys()
+    mailbox = bridge.mailboxes.add(email, keys.ed25519_public, keys.x25519_public)
+    return Owner(mailbox=mailbox, keys=keys, token=bridge.mailboxes.issue_token(mailbox))
+
+
+@pytest.fixture
+def owner(bridge: Bridge) -> Owner:
+    return make_owner(bridge, f"support@{DOMAIN}")
+
+
+def run_worker(bridge: Bridge) -> None:
+    """Run the real RQ worker until the queues are empty (jobs run in this process)."""
+    SimpleWorker([bridge.queue], connection=bridge.redis).work(burst=True, with_scheduler=False)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
