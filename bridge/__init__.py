@@ -22,12 +22,15 @@ log = logging.getLogger("bridge")
 
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # dkimpy logs every sender's broken signature at ERROR: the verdict on the record says it all.
+    logging.getLogger("dkimpy").setLevel(logging.CRITICAL)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     configure_logging(settings)
     bridge = Bridge(settings)
+    _ = bridge.redis_url  # fail at start-up, not on the first request, when Redis is not configured
     app = Flask(__name__)
     app.config["MAX_FORM_MEMORY_SIZE"] = None
     app.extensions["bridge"] = bridge

@@ -10,12 +10,17 @@ from __future__ import annotations
 import threading
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
+import dns.resolver
 import redis
 from rq import Queue
 
+from bridge.dns import make_resolver
 from bridge.postal.signatures import PostalKeyring, load_public_keys
 from bridge.settings import Settings, SettingsError
+from bridge.store.contacts import ContactBook
+from bridge.store.handshakes import HandshakeStore, SenderHashes
 from bridge.store.index import MailIndex
 from bridge.store.mailboxes import MailboxDirectory
 from bridge.store.messages import MessageStore
@@ -51,9 +56,7 @@ class Bridge:
         socket = embedded_redis_socket(self.settings)
         if socket.exists():
             return f"unix://{socket}"
-        raise SettingsError(
-            "BRIDGE_REDIS_URL is required (`make run` starts a private Redis when it is unset)"
-        )
+        raise SettingsError("BRIDGE_REDIS_URL is required (`make run` starts a private Redis when it is unset)")
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -71,6 +74,30 @@ class Bridge:
     @cached_property
     def queue(self) -> Queue:
         return Queue(QUEUE_NAME, connection=self.redis)
+
+    @cached_property
+    def handshakes(self) -> HandshakeStore:
+        return HandshakeStore(self.objects, self.redis)
+
+    @cached_property
+    def sender_hashes(self) -> SenderHashes:
+        return SenderHashes(self.objects, self.redis)
+
+    @cached_property
+    def contacts(self) -> ContactBook:
+        return ContactBook(self.objects, self.redis)
+
+    @cached_property
+    def auth_cache(self) -> dict[Any, Any]:
+        """SPF/DMARC verdicts by sender and server, kept a few minutes by the filing job."""
+        return {}
+
+    @cached_property
+    def resolver(self) -> dns.resolver.Resolver:
+        """The bridge's DNS resolver (BRIDGE_DNS_NAMESERVERS), caching answers for their TTL."""
+        resolver = make_resolver(list(self.settings.dns_nameservers) or None)
+        resolver.cache = dns.resolver.LRUCache(50_000)
+        return resolver
 
 
 def embedded_redis_socket(settings: Settings) -> Path:

@@ -4,7 +4,9 @@ Order matters and every step is safe to repeat:
 
 1. resolve the mailbox (unknown -> the caller answers 404 or 429);
 2. derive the message id from Postal's delivery key (same id for every retry);
-3. seal the message to the owner and create the body object (create-only: a retry stores nothing);
+3. read the sender facts (From, Postal's spam flag and client IP) and check DKIM, the only
+   verdict that needs the plaintext; then seal the message to the owner and create the body
+   object (create-only: a retry stores nothing);
 4. create the message record with the facts screening needs (create-only again);
 5. note it for filing in Redis (one round trip) and enqueue a filing job if none is queued.
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.context import Bridge
+from bridge.mail.auth import check_dkim
 from bridge.mail.headers import sender_facts
 from bridge.postal.payloads import InboundMessage
 from bridge.sealing import seal
@@ -45,6 +48,9 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
         return Outcome(UNKNOWN_RECIPIENT)
     msg_id = message_id(message.delivery_key(postal_kid))
     facts = sender_facts(message.message)
+    # DKIM is the one check that needs the plaintext: run it before sealing (SPF, DMARC and the
+    # handshake lookup need only envelope facts and run in the filing job).
+    dkim_result, dkim_domains = check_dkim(message.message, bridge.resolver)
     bridge.messages.create_body(
         mailbox.address,
         msg_id,
@@ -76,23 +82,19 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
             "helo": facts.helo,
         },
         "spam": {"postal": spam, "score": facts.postal_spam_score},
-        "verdicts": {},
+        "verdicts": {"dkim": dkim_result, "dkim_domains": list(dkim_domains)},
         "reason": None,
     }
     created = bridge.messages.create_record(record)
     if bridge.index.note_received(mailbox.address, msg_id, received_at):
         enqueue_filing(bridge)
-    log.info(
-        "postal delivery %s: postal id %s -> %s", STORED if created else DUPLICATE, message.postal_id, msg_id
-    )
+    log.info("postal delivery %s: postal id %s -> %s", STORED if created else DUPLICATE, message.postal_id, msg_id)
     return Outcome(STORED if created else DUPLICATE, msg_id)
 
 
 def enqueue_filing(bridge: Bridge) -> None:
     """Queue the batch filing job (the job ids nothing: it drains the index's unfiled set)."""
-    bridge.queue.enqueue(
-        "bridge.jobs.inbound.file_unfiled", job_timeout=600, result_ttl=60, failure_ttl=7 * 86400
-    )
+    bridge.queue.enqueue("bridge.jobs.inbound.file_unfiled", job_timeout=600, result_ttl=60, failure_ttl=7 * 86400)
 
 
 def sealed_chunks(document: dict[str, Any]) -> list[bytes]:

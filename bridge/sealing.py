@@ -23,6 +23,7 @@ from joserfc.jwk import OKPKey
 
 KEY_ALGORITHM = "ECDH-ES+A256KW"
 CONTENT_ENCRYPTION = "A256GCM"
+MAX_SEALED_BYTES = 1 << 31
 
 
 class SealingError(ValueError):
@@ -56,10 +57,20 @@ def seal_to_json(plaintext: bytes, recipients: list[Recipient]) -> bytes:
     return json.dumps(seal(plaintext, recipients), separators=(",", ":")).encode()
 
 
+def _reader_registry() -> jwe.JWERegistry:
+    """joserfc refuses ciphertexts over 64 KB by default (a guard for tokens); mail is larger.
+
+    ``verify_all_recipients=False``: a body sealed to several keys is opened with one of them.
+    """
+    registry = jwe.JWERegistry(algorithms=[KEY_ALGORITHM, CONTENT_ENCRYPTION], verify_all_recipients=False)
+    registry.max_ciphertext_length = MAX_SEALED_BYTES
+    return registry
+
+
 def open_sealed(document: dict[str, Any], private_jwk: dict[str, Any]) -> bytes:
     """Decrypt a sealed body with the owner's X25519 private JWK (client side only)."""
     try:
         key = OKPKey.import_key(private_jwk)
-        return jwe.decrypt_json(document, key).plaintext or b""
+        return jwe.decrypt_json(document, key, registry=_reader_registry()).plaintext or b""
     except (JoseError, ValueError, KeyError, TypeError) as exc:
         raise SealingError(f"cannot open sealed body: {exc.__class__.__name__}") from exc

@@ -35,7 +35,9 @@ def postal_signer() -> PostalSigner:
     return PostalSigner()
 
 
-def bridge_environment(tmp_path: Path, redis_url: str, signer: PostalSigner, **extra: str) -> dict[str, str]:
+def bridge_environment(
+    tmp_path: Path, redis_url: str, signer: PostalSigner, nameserver: str | None = None, **extra: str
+) -> dict[str, str]:
     pem = tmp_path / "postal-signing.pem"
     if not pem.exists():
         pem.write_bytes(signer.public_pem())
@@ -45,8 +47,27 @@ def bridge_environment(tmp_path: Path, redis_url: str, signer: PostalSigner, **e
         "BRIDGE_REDIS_URL": redis_url,
         "BRIDGE_POSTAL_PUBLIC_KEY": str(pem),
         "BRIDGE_FSYNC": "false",
+        # Never the machine's resolver: tests ask only the suite's own Knot server.
+        "BRIDGE_DNS_NAMESERVERS": nameserver or _suite_nameserver(),
         **extra,
     }
+
+
+_NAMESERVER: list[str] = []
+
+
+def _suite_nameserver() -> str:
+    if not _NAMESERVER:
+        raise RuntimeError("use the `environment` fixture (or pass nameserver=) so DNS goes to the suite's Knot")
+    return _NAMESERVER[0]
+
+
+@pytest.fixture(autouse=True)
+def _dns_for_bridges(knot_dns: Any) -> Iterator[None]:
+    """Every bridge a test builds resolves through the suite's Knot server."""
+    _NAMESERVER[:] = [knot_dns.nameserver]
+    yield
+    _NAMESERVER.clear()
 
 
 @pytest.fixture

@@ -16,8 +16,11 @@ from tests.postal_sim import PostalSimulator, raw_payload
 MESSAGE = b"From: Jane <jane@example.org>\r\nTo: ops@mail.example.test\r\nSubject: hi\r\n\r\nhello ops\r\n"
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def cli(environment: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **environment}
+    env = {**os.environ, **environment, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "bridge", *args],
         env=env,

@@ -62,14 +62,15 @@ def _read_body(limit: int) -> bytearray:
         raise _BodyTooLarge
     stream = request.stream
     if length is not None:
+        # Preallocate and fill: no second full-size copy. (gunicorn's stream has read() but no readinto().)
         body = bytearray(length)
-        view, filled = memoryview(body), 0
+        filled = 0
         while filled < length:
-            got = stream.readinto(view[filled : filled + _READ_CHUNK])
-            if not got:
+            chunk = stream.read(min(_READ_CHUNK, length - filled))
+            if not chunk:
                 break
-            filled += got
-        view.release()
+            body[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
         del body[filled:]
         return body
     body = bytearray()

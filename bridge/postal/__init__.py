@@ -1,0 +1,7 @@
+"""Postal's world; knows nothing of Flask.
+
+signatures.py checks that a request body really comes from Postal (RSA signatures, JWKS/PEM/DNS keys);
+payloads.py turns a verified body into one InboundMessage. Neither module touches the web framework,
+the object store or Redis: the web layer calls them with bytes and headers and maps their exceptions to
+HTTP status codes.
+"""

@@ -1,0 +1,70 @@
+"""Who each owner has written to: replies to people you wrote to are never screened.
+
+The outbound path records a contact for every recipient an owner sends to; screening asks.
+System of record: ``contacts/<owner>/<hex of the sender's e-mail lookup hash>.json`` (no plain
+addresses). Redis caches the set per owner (``contacts:<owner>``, complete once
+``contacts:<owner>:loaded`` exists) and is rebuilt from the store when it lost it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterable
+
+import redis
+
+from bridge.errors import RedisUnavailable
+from bridge.store.index import PREFIX, REDIS_ERRORS
+from bridge.store.objects import ObjectStore
+
+
+def _name(email_hash: str) -> str:
+    return base64.b64decode(email_hash).hex()
+
+
+class ContactBook:
+    def __init__(self, objects: ObjectStore, connection: redis.Redis) -> None:
+        self._objects = objects
+        self._redis = connection
+
+    def record(self, owner_address: str, email_hash: str) -> None:
+        self._objects.put(
+            f"contacts/{owner_address}/{_name(email_hash)}.json", json.dumps({"since": time.time()}).encode()
+        )
+        try:
+            self._redis.sadd(self._key(owner_address), _name(email_hash))
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    def known(self, owner_address: str, email_hashes: Iterable[str]) -> set[str]:
+        """The subset of ``email_hashes`` the owner has written to."""
+        hashes = list(dict.fromkeys(email_hashes))
+        if not hashes:
+            return set()
+        key = self._key(owner_address)
+        try:
+            if not self._redis.exists(key + ":loaded"):
+                self.reload(owner_address)
+            flags = self._redis.smismember(key, [_name(h) for h in hashes])
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return {h for h, flag in zip(hashes, flags, strict=True) if flag}
+
+    def reload(self, owner_address: str) -> None:
+        names = [k.rsplit("/", 1)[1].removesuffix(".json") for k in self._objects.list(f"contacts/{owner_address}/")]
+        key = self._key(owner_address)
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.delete(key)
+            if names:
+                pipe.sadd(key, *names)
+            pipe.set(key + ":loaded", "1")
+            pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    @staticmethod
+    def _key(owner_address: str) -> str:
+        return f"{PREFIX}contacts:{owner_address}"

@@ -1,0 +1,172 @@
+"""Handshakes as their owners signed them, and the caches screening reads them through.
+
+System of record: ``handshakes/<owner address>/<handshake id>.json`` in the object store, the
+wire document exactly as signed (so anyone can verify it again). Redis caches, all rebuildable:
+
+    hs:<owner>            hash: handshake id -> status     (``hs:<owner>:loaded`` marks it complete)
+    ehash:<keyed digest>  the sender's e-mail lookup hash (scrypt: ~120 ms, so computed once per sender)
+
+The e-mail hash cache is keyed by an HMAC of the address under a server secret, never by the
+plain address, so Redis holds no list of who writes to whom.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+from collections.abc import Iterable
+
+import redis
+
+from bridge.errors import RedisUnavailable
+from bridge.mailio.handshakes import Handshake, HandshakeError, newer, parse_signed_handshake
+from bridge.mailio.identity import email_lookup_hash
+from bridge.store.index import PREFIX, REDIS_ERRORS
+from bridge.store.objects import ObjectStore
+
+CREATED, REPLACED, UNCHANGED = "created", "replaced", "unchanged"
+EMAIL_HASH_TTL = 90 * 86400
+
+
+class StaleHandshake(Exception):
+    """A document older than the one stored: a replay must not undo a newer decision."""
+
+
+class HandshakeStore:
+    def __init__(self, objects: ObjectStore, connection: redis.Redis) -> None:
+        self._objects = objects
+        self._redis = connection
+
+    def put(self, owner_address: str, handshake: Handshake) -> str:
+        """Store a verified handshake unless a newer one for the same id is stored already."""
+        key = self._key(owner_address, handshake.handshake_id)
+        current = self._load(key)
+        if current is not None:
+            if current.cbor_payload == handshake.cbor_payload and current.signature == handshake.signature:
+                return UNCHANGED
+            if not newer(handshake, current):
+                raise StaleHandshake("an equal or newer handshake for this sender is stored")
+        document = json.dumps(handshake.to_document(), separators=(",", ":"), sort_keys=True).encode()
+        if current is None:
+            if not self._objects.create(key, document):
+                return self.put(owner_address, handshake)  # lost a race with another upload: compare again
+        else:
+            self._objects.put(key, document)
+        try:
+            self._redis.hset(self._cache_key(owner_address), handshake.handshake_id, handshake.status)
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return CREATED if current is None else REPLACED
+
+    def all(self, owner_address: str) -> list[Handshake]:
+        handshakes = []
+        for key in self._objects.list(f"handshakes/{owner_address}/"):
+            handshake = self._load(key)
+            if handshake is not None:
+                handshakes.append(handshake)
+        return sorted(handshakes, key=lambda h: h.created, reverse=True)
+
+    def statuses(self, owner_address: str, handshake_ids: Iterable[str]) -> dict[str, str]:
+        """Status per handshake id (absent ids have none), from the cache, loading it if Redis lost it."""
+        ids = list(dict.fromkeys(handshake_ids))
+        if not ids:
+            return {}
+        cache = self._cache_key(owner_address)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.exists(cache + ":loaded")
+            pipe.hmget(cache, ids)
+            loaded, values = pipe.execute()
+            if not loaded:
+                self.reload(owner_address)
+                values = self._redis.hmget(cache, ids)
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return {i: v.decode() for i, v in zip(ids, values, strict=True) if v is not None}
+
+    def reload(self, owner_address: str) -> int:
+        """Rebuild one owner's status cache from the object store."""
+        handshakes = self.all(owner_address)
+        cache = self._cache_key(owner_address)
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.delete(cache)
+            if handshakes:
+                pipe.hset(cache, mapping={h.handshake_id: h.status for h in handshakes})
+            pipe.set(cache + ":loaded", "1")
+            pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return len(handshakes)
+
+    def _load(self, key: str) -> Handshake | None:
+        data = self._objects.get(key)
+        if data is None:
+            return None
+        try:
+            return parse_signed_handshake(json.loads(data))
+        except (HandshakeError, ValueError):
+            return None  # a damaged object never grants anything
+
+    @staticmethod
+    def _key(owner_address: str, handshake_id: str) -> str:
+        return f"handshakes/{owner_address}/{handshake_id}.json"
+
+    @staticmethod
+    def _cache_key(owner_address: str) -> str:
+        return f"{PREFIX}hs:{owner_address}"
+
+
+class SenderHashes:
+    """E-mail lookup hashes, computed once per sender and cached under a keyed digest."""
+
+    def __init__(self, objects: ObjectStore, connection: redis.Redis) -> None:
+        self._objects = objects
+        self._redis = connection
+        self._secret: bytes | None = None
+        self._lock = threading.Lock()
+        self.computed = 0  # scrypt runs by this process (the benchmark reports it)
+
+    def _server_secret(self) -> bytes:
+        with self._lock:
+            if self._secret is None:
+                key = "server/cache-key.json"
+                self._objects.create(key, json.dumps({"key": secrets.token_hex(32)}).encode())
+                self._secret = bytes.fromhex(json.loads(self._objects.get(key) or b"{}")["key"])
+            return self._secret
+
+    def _cache_key(self, email: str) -> str:
+        digest = hmac.new(self._server_secret(), email.lower().encode(), hashlib.sha256).digest()
+        return f"{PREFIX}ehash:{base64.urlsafe_b64encode(digest[:18]).decode()}"
+
+    def lookup_hashes(self, emails: Iterable[str]) -> dict[str, str]:
+        """E-mail -> lookup hash for every address, one Redis round trip for the cached ones."""
+        unique = list(dict.fromkeys(e.lower() for e in emails))
+        if not unique:
+            return {}
+        keys = [self._cache_key(e) for e in unique]
+        try:
+            cached = self._redis.mget(keys)
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        result: dict[str, str] = {}
+        missing: dict[str, str] = {}
+        for email, key, value in zip(unique, keys, cached, strict=True):
+            if value is not None:
+                result[email] = value.decode()
+            else:
+                result[email] = missing[key] = email_lookup_hash(email)
+                self.computed += 1
+        if missing:
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for key, value in missing.items():
+                    pipe.set(key, value, ex=EMAIL_HASH_TTL)
+                pipe.execute()
+            except REDIS_ERRORS as exc:
+                raise RedisUnavailable("redis unavailable") from exc
+        return result
