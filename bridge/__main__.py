@@ -1,8 +1,9 @@
 """The operator's and the owner's command line: ``python -m bridge <verb>``.
 
 Server side (reads the bridge's settings): ``mailbox add|list|alias|token``, ``rebuild-index``,
-``worker``, ``run``. Client side (talks to the API over HTTP, holds the owner's key):
-``mail list``, ``mail read``. Errors print one line to stderr and exit 1 or 2, never a traceback.
+``rescreen``, ``worker``, ``run``. Client side (talks to the API over HTTP, holds the owner's key,
+which never leaves that machine): ``mail list``, ``mail read``, ``handshake approve|revoke|list``.
+Errors print one line to stderr and exit 1 or 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -74,12 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.add_parser("rebuild-index", help="restore Redis indexes from the object store").set_defaults(
         func=cmd_rebuild_index
     )
+    rescreen = verbs.add_parser("rescreen", help="re-file a mailbox's screened mail by its current handshakes")
+    rescreen.add_argument("email")
+    rescreen.set_defaults(func=cmd_rescreen)
+
+    handshake = verbs.add_parser("handshake", help="client side: approve, revoke and list senders").add_subparsers(
+        dest="action", required=True
+    )
+    for name, helptext in (
+        ("approve", "sign an 'accepted' handshake for SENDER on this machine and upload it"),
+        ("revoke", "sign a 'revoked' handshake for SENDER and upload it"),
+        ("list", "list your handshakes"),
+    ):
+        sub = handshake.add_parser(name, help=helptext)
+        if name != "list":
+            sub.add_argument("sender", help="an e-mail address, or a Mailio sender's did:web:HOST#0x...")
+            sub.add_argument("--key", required=True, help="your key file (from `mailbox add`)")
+        sub.add_argument("--url", default=os.environ.get("BRIDGE_API_URL", "http://127.0.0.1:8080"))
+        sub.add_argument("--token", default=os.environ.get("BRIDGE_API_TOKEN"), help="or BRIDGE_API_TOKEN")
+        sub.set_defaults(func=cmd_handshake_list if name == "list" else cmd_handshake_sign, status=name)
     worker = verbs.add_parser("worker", help="run the RQ worker for every bridge queue, with its scheduler")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     worker.set_defaults(func=cmd_worker)
-    verbs.add_parser(
-        "run", help="embedded mode: Redis (if needed), web and worker; Ctrl-C stops all"
-    ).set_defaults(func=cmd_run)
+    verbs.add_parser("run", help="embedded mode: Redis (if needed), web and worker; Ctrl-C stops all").set_defaults(
+        func=cmd_run
+    )
     return parser
 
 
@@ -146,9 +166,7 @@ def write_private_file(path: Path, data: bytes) -> None:
 
 def cmd_mailbox_list(args: argparse.Namespace) -> int:
     for mailbox in _directory().all():
-        print(
-            json.dumps({"email": mailbox.email, "address": mailbox.address, "aliases": list(mailbox.aliases)})
-        )
+        print(json.dumps({"email": mailbox.email, "address": mailbox.address, "aliases": list(mailbox.aliases)}))
     return 0
 
 
@@ -183,9 +201,7 @@ def _api_get(url: str, token: str | None, path: str) -> Any:
     if not token:
         raise CommandError("an API token is needed: --token or BRIDGE_API_TOKEN")
     try:
-        response = requests.get(
-            f"{url.rstrip('/')}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=60
-        )
+        response = requests.get(f"{url.rstrip('/')}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
     except requests.RequestException as exc:
         raise CommandError(f"cannot reach {url}: {exc.__class__.__name__}") from None
     if response.status_code != 200:
@@ -195,6 +211,61 @@ def _api_get(url: str, token: str | None, path: str) -> Any:
             reason = response.text[:100]
         raise CommandError(f"{response.status_code}: {reason}")
     return response.json()
+
+
+def _api_put(url: str, token: str | None, path: str, document: Any) -> Any:
+    import requests
+
+    if not token:
+        raise CommandError("an API token is needed: --token or BRIDGE_API_TOKEN")
+    try:
+        response = requests.put(
+            f"{url.rstrip('/')}{path}", json=document, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
+    except requests.RequestException as exc:
+        raise CommandError(f"cannot reach {url}: {exc.__class__.__name__}") from None
+    if response.status_code not in (200, 201):
+        try:
+            reason = response.json().get("error", "")
+        except ValueError:
+            reason = response.text[:100]
+        raise CommandError(f"{response.status_code}: {reason}")
+    return response.json()
+
+
+def cmd_handshake_sign(args: argparse.Namespace) -> int:
+    """Sign on the owner's machine (the server never sees the private key), then upload."""
+    from urllib.parse import urlparse
+
+    from bridge.mailio.handshakes import HandshakeError, sign_handshake
+    from bridge.mailio.identity import UserKeys
+
+    try:
+        keys = UserKeys.from_key_file(json.loads(Path(args.key).read_text()))
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"cannot use key file: {exc.__class__.__name__}") from None
+    sender = args.sender.strip()
+    who = {"sender_did": sender} if sender.startswith("did:") else {"sender_email": sender.lower()}
+    try:
+        document = sign_handshake(
+            ed25519_private=keys.ed25519_private,
+            status="accepted" if args.status == "approve" else "revoked",
+            origin_domain=urlparse(args.url).hostname or "localhost",
+            **who,
+        )
+    except HandshakeError as exc:
+        raise CommandError(str(exc)) from None
+    result = _api_put(args.url, args.token, "/api/v1/handshakes", document)
+    content = result["handshake"]["content"]
+    print(json.dumps({"result": result["result"], "handshakeId": content["handshakeId"], "status": content["status"]}))
+    return 0
+
+
+def cmd_handshake_list(args: argparse.Namespace) -> int:
+    for document in _api_get(args.url, args.token, "/api/v1/handshakes")["handshakes"]:
+        content = document["content"]
+        print(json.dumps({k: content.get(k) for k in ("handshakeId", "status", "senderMetadata", "created")}))
+    return 0
 
 
 def cmd_mail_list(args: argparse.Namespace) -> int:
@@ -231,6 +302,19 @@ def cmd_rebuild_index(args: argparse.Namespace) -> int:
 
     counts = rebuild_index(_bridge())
     print(json.dumps(counts))
+    return 0
+
+
+def cmd_rescreen(args: argparse.Namespace) -> int:
+    from bridge import context
+    from bridge.jobs.inbound import rescreen_mailbox
+
+    bridge = _bridge()
+    mailbox = bridge.mailboxes.resolve(args.email, cached=False)
+    if mailbox is None:
+        raise CommandError("no such mailbox")
+    context.use(bridge)
+    print(json.dumps({"email": mailbox.email, "moved": rescreen_mailbox(mailbox.address)}))
     return 0
 
 

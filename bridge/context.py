@@ -20,7 +20,7 @@ from bridge.dns import make_resolver
 from bridge.postal.signatures import PostalKeyring, load_public_keys
 from bridge.settings import Settings, SettingsError
 from bridge.store.contacts import ContactBook
-from bridge.store.handshakes import HandshakeStore, SenderHashes
+from bridge.store.handshakes import HandshakeOffers, HandshakeStore, SenderHashes
 from bridge.store.index import MailIndex
 from bridge.store.mailboxes import MailboxDirectory
 from bridge.store.messages import MessageStore
@@ -78,6 +78,10 @@ class Bridge:
     @cached_property
     def handshakes(self) -> HandshakeStore:
         return HandshakeStore(self.objects, self.redis)
+
+    @cached_property
+    def offers(self) -> HandshakeOffers:
+        return HandshakeOffers(self.redis, self.settings.domain)
 
     @cached_property
     def sender_hashes(self) -> SenderHashes:

@@ -11,6 +11,7 @@ import email
 import email.policy
 import json
 import random
+import time
 import tracemalloc
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from bridge.postal.payloads import (
+    MAX_HEADER_CHARS,
     REBUILT_HEADER,
     InboundMessage,
     MessageTooLarge,
@@ -272,6 +274,18 @@ def test_hostile_header_values_never_break_the_rebuild(hostile: str) -> None:
     assert msg[REBUILT_HEADER] == "postal-hash"
     assert msg["Bcc"] is None  # no header injection
     assert b"\n" not in message.replace(b"\r\n", b"")
+
+
+def test_huge_header_values_are_capped_and_cheap() -> None:
+    """A sender controls these values; rebuilding must stay linear (the stdlib folder takes seconds)."""
+    many = ", ".join(f"Jörg {i} <u{i}@exämple.com>" for i in range(5000))
+    started = time.perf_counter()
+    message = parse_inbound(hash_json(to=many, subject="ü" * 100_000, references="<a@b> " * 20_000), JSON, 10**7)
+    assert time.perf_counter() - started < 2.0
+    msg = parse_mime(message.message)
+    assert msg["Subject"] == "ü" * MAX_HEADER_CHARS
+    assert msg["To"].addresses[0].display_name == "Jörg 0"
+    assert msg["To"].addresses[0].domain == "xn--exmple-cua.com"  # IDNA: the message stays 7-bit
 
 
 # --------------------------------------------------------------------------- malformed input

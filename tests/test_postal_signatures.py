@@ -274,9 +274,7 @@ def test_unknown_kid_refetches_the_jwks_and_picks_up_a_rotated_key(
     assert web.hits == 3
 
 
-def test_refetch_is_rate_limited(
-    web: PostalWebServer, signer: PostalSigner, other_signer: PostalSigner
-) -> None:
+def test_refetch_is_rate_limited(web: PostalWebServer, signer: PostalSigner, other_signer: PostalSigner) -> None:
     web.jwks = signer.jwks()
     keyring = PostalKeyring([], web.jwks_url, refresh_seconds=0.5)
     body = b'{"id":3}'
@@ -328,9 +326,7 @@ def test_jwks_down_but_a_configured_key_still_verifies(signer: PostalSigner) -> 
 
 
 @pytest.mark.parametrize("failure", ["status", "garbage", "not_jwks"])
-def test_a_broken_jwks_is_unavailable_then_recovers(
-    web: PostalWebServer, signer: PostalSigner, failure: str
-) -> None:
+def test_a_broken_jwks_is_unavailable_then_recovers(web: PostalWebServer, signer: PostalSigner, failure: str) -> None:
     if failure == "status":
         web.status = 502
     elif failure == "garbage":

@@ -60,17 +60,22 @@ def file_unfiled() -> int:
         log.info("filed %d messages", len(fresh))
 
 
-def rescreen_mailbox(address: str) -> int:
+def rescreen_mailbox(address: str, handshake: str | None = None) -> int:
     """Re-file one mailbox's screened mail after its handshakes changed; returns how many moved.
 
-    Messages the owner moved by hand stay where the owner put them. Authentication verdicts are
-    the ones recorded when the message arrived; only the owner's standing toward senders is new.
+    ``handshake``: only the sender that handshake id is about (the job queued after an upload);
+    None re-screens everything (``python -m bridge rescreen``). Messages the owner moved by hand
+    stay where the owner put them. Authentication verdicts are the ones recorded when the message
+    arrived; only the owner's standing toward the sender is new.
     """
     bridge = context.current()
     records = [
         r
         for r in bridge.messages.records(address)
-        if r["status"] == STATUS_FILED and r.get("folder") in SCREENED_FOLDERS and not r.get("moved_by_owner")
+        if r["status"] == STATUS_FILED
+        and r.get("folder") in SCREENED_FOLDERS
+        and not r.get("moved_by_owner")
+        and (handshake is None or _handshake_of(address, r) == handshake)
     ]
     before = {r["id"]: r["folder"] for r in records}
     _screen(bridge, records)
@@ -80,6 +85,11 @@ def rescreen_mailbox(address: str) -> int:
     bridge.index.file((record, before[record["id"]]) for record in changed)
     log.info("rescreened mailbox: %d of %d messages moved", len(changed), len(records))
     return len(changed)
+
+
+def _handshake_of(owner: str, record: dict[str, Any]) -> str | None:
+    email_hash = record["sender"].get("email_hash")
+    return handshake_id(owner, email_hash) if email_hash else None
 
 
 def _screen(bridge: Bridge, records: list[dict[str, Any]]) -> None:

@@ -30,13 +30,13 @@ import logging
 import re
 from dataclasses import dataclass
 from email import policy as email_policy
-from email.headerregistry import HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import formataddr, formatdate, getaddresses
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
 __all__ = [
+    "MAX_HEADER_CHARS",
     "REBUILT_HEADER",
     "REBUILT_VALUE",
     "InboundMessage",
@@ -497,13 +497,10 @@ def _parse_hash(fields: _Fields, max_message_bytes: int) -> InboundMessage:
 # --------------------------------------------------------------------------- Hash -> MIME
 
 
-# Date and Message-ID are written back verbatim: the stdlib's structured parsers drop values they cannot
-# parse (an odd Date becomes empty, "<a b@c>" is cut at the space), and the Hash gave us decoded text anyway.
-_REGISTRY = HeaderRegistry()
-_REGISTRY.map_to_type("date", UnstructuredHeader)
-_REGISTRY.map_to_type("message-id", UnstructuredHeader)
-# SMTP line endings; 7bit so that non-ASCII bodies get quoted-printable/base64 and headers RFC 2047.
-_POLICY = email_policy.SMTP.clone(cte_type="7bit", header_factory=_REGISTRY)
+# SMTP line endings; 7bit so that non-ASCII bodies get quoted-printable/base64. Headers are encoded by
+# _set_header itself and must never be re-parsed ("none"): the stdlib would mangle what it cannot parse.
+_POLICY = email_policy.SMTP.clone(cte_type="7bit", refold_source="none")
+_ADDRESS_HEADERS = frozenset({"from", "to", "cc", "reply-to"})
 _HEADER_JUNK = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]+")
 _MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
 _UTF8: Final = email.charset.Charset("utf-8")
@@ -526,7 +523,7 @@ def _header_text(value: str) -> str:
 def _fold_ascii(name: str, value: str, width: int = 78) -> str:
     """Fold an ASCII header value at its own spaces (unfolding gives back exactly ``value``).
 
-    The stdlib's folder is roughly quadratic (an 80 kB address list takes seconds); this is linear.
+    Linear, unlike the stdlib's folder, which takes seconds on a long non-ASCII address list.
     """
     lines: list[str] = []
     current: str | None = None
@@ -543,28 +540,65 @@ def _fold_ascii(name: str, value: str, width: int = 78) -> str:
     return "\r\n ".join(lines)
 
 
+def _encoded_words(value: str) -> str:
+    """RFC 2047 encoded-words (UTF-8, base64) of at most 45 bytes each, separated by spaces.
+
+    Readers drop the whitespace between adjacent encoded-words, so decoding gives back exactly ``value``.
+    """
+    words: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    for char in value:
+        width = len(char.encode("utf-8"))
+        if size + width > 45:
+            words.append(_UTF8.header_encode("".join(chunk)))
+            chunk, size = [], 0
+        chunk.append(char)
+        size += width
+    if chunk:
+        words.append(_UTF8.header_encode("".join(chunk)))
+    return " ".join(words)
+
+
+def _encoded_addresses(value: str) -> str | None:
+    """A non-ASCII address list as ASCII: display names as encoded-words, domains as IDNA.
+
+    None when the list does not parse into plain addresses (a non-ASCII local part cannot be written
+    without SMTPUTF8); the caller then encodes the whole value as text.
+    """
+    try:
+        pairs = getaddresses([value])
+        out = []
+        for display_name, address in pairs:
+            local, at, domain = address.rpartition("@")
+            if not at or not local or not domain or not local.isascii():
+                return None
+            ascii_domain = domain if domain.isascii() else domain.encode("idna").decode("ascii")
+            out.append(formataddr((display_name, f"{local}@{ascii_domain}"), charset=_UTF8))
+    except Exception:  # getaddresses recurses on nested comments; idna rejects odd labels
+        return None
+    return ", ".join(out) if out else None
+
+
 def _set_header(msg: EmailMessage, name: str, value: str | None) -> None:
-    """Add one header, RFC 2047-encoded as needed; never fails, stays cheap on huge values.
+    """Add one header as 7-bit text; never fails, and stays linear in the size of the value.
 
     Values are capped at MAX_HEADER_CHARS (Postfix cuts headers at 100 kB; the Hash is lossy anyway).
-    Plain ASCII is written verbatim, folded at its spaces; anything else goes through the stdlib's
-    structured headers, which encode display names and text properly. That parser has crashed on hostile
-    input before: if parsing or folding fails, the value is written as one encoded-word instead.
+    ASCII is written verbatim; non-ASCII address lists get encoded display names and IDNA domains; any
+    other non-ASCII text (or text that would read as an encoded-word) becomes encoded-words. The stdlib's
+    structured header classes are not used: they are slow (seconds on a long list) and have crashed or
+    silently dropped values (an odd Date, a Message-ID with a space) on input like this.
     """
     if value is None:
         return
     value = _header_text(value)[:MAX_HEADER_CHARS]
     if not value:
         return
-    if value.isascii() and "=?" not in value:  # "=?" would read as an encoded-word: let the stdlib escape it
-        msg.set_raw(name, _fold_ascii(name, value))
-        return
-    try:
-        msg[name] = value
-        _POLICY.fold_binary(name, msg[name])
-    except Exception:
-        del msg[name]
-        msg[name] = _UTF8.header_encode(value)
+    if not value.isascii() and name.lower() in _ADDRESS_HEADERS:
+        value = _encoded_addresses(value) or _encoded_words(value)
+    elif not value.isascii() or "=?" in value:
+        value = _encoded_words(value)
+    msg.set_raw(name, _fold_ascii(name, value))
 
 
 def _mime_type(content_type: str | None) -> tuple[str, str]:

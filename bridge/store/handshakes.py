@@ -17,7 +17,9 @@ import hashlib
 import hmac
 import json
 import secrets
+import string
 import threading
+import time
 from collections.abc import Iterable
 
 import redis
@@ -119,6 +121,44 @@ class HandshakeStore:
     @staticmethod
     def _cache_key(owner_address: str) -> str:
         return f"{PREFIX}hs:{owner_address}"
+
+
+OFFER_SECONDS = 300
+_OFFER_ALPHABET = string.ascii_letters
+
+
+class HandshakeOffers:
+    """Single-use nonces an owner hands out so a Mailio sender can ask for a handshake (mailio.md §4).
+
+    ``<16 letters>:<server domain>:<owner address>``, from the OS CSPRNG, valid five minutes,
+    consumed atomically (GETDEL) so a nonce can be redeemed once.
+    """
+
+    def __init__(self, connection: redis.Redis, domain: str) -> None:
+        self._redis = connection
+        self._domain = domain
+
+    def create(self, owner_address: str) -> dict[str, object]:
+        nonce = "".join(secrets.choice(_OFFER_ALPHABET) for _ in range(16))
+        try:
+            self._redis.set(f"{PREFIX}offer:{nonce}", owner_address, ex=OFFER_SECONDS, nx=True)
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return {
+            "offer": f"{nonce}:{self._domain}:{owner_address}",
+            "nonce": nonce,
+            "expires_at": time.time() + OFFER_SECONDS,
+        }
+
+    def redeem(self, nonce: str) -> str | None:
+        """The owner the nonce was issued to, once; None if unknown, expired or already used."""
+        if len(nonce) != 16 or not nonce.isascii() or not nonce.isalpha():
+            return None
+        try:
+            owner = self._redis.getdel(f"{PREFIX}offer:{nonce}")
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return owner.decode() if owner else None
 
 
 class SenderHashes:

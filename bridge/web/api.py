@@ -1,4 +1,4 @@
-"""The mailbox owner's API: ``/api/v1/messages``.
+"""The mailbox owner's API: messages, folders, handshakes and handshake offers under ``/api/v1``.
 
 Authenticated by a bearer token (``python -m bridge mailbox token EMAIL``). A mailbox sees only
 its own mail: every lookup is scoped to the token's mailbox, so another mailbox's message id
@@ -8,23 +8,29 @@ is simply not found (404), never forbidden (which would confirm it exists).
 code  when
 ====  ======================================================
 200   the listing or the message
-400   a bad query parameter (folder, limit, before)
+201   a new handshake stored, an offer created
+400   a bad query parameter or body; a malformed handshake
 401   no or unknown bearer token
+403   a handshake not signed by this mailbox's key, or older than the one stored
 404   no such message in this mailbox
+413   a handshake document over 64 KB
 503   Redis or the object store is unreachable
 ====  ======================================================
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from bridge.context import Bridge
+from bridge.mailio.handshakes import HandshakeError, parse_signed_handshake
+from bridge.store.handshakes import CREATED, UNCHANGED, StaleHandshake
 from bridge.store.mailboxes import Mailbox
-from bridge.store.messages import FOLDERS, is_message_id
+from bridge.store.messages import FOLDERS, STATUS_FILED, is_message_id
 
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -90,3 +96,89 @@ def get_message(msg_id: str) -> Response:
     # The sealed body is stored as compact JSON already: splice it in rather than re-encoding it.
     head = json.dumps(_public(record), separators=(",", ":"))
     return Response(head[:-1].encode() + b',"body":' + body + b"}", mimetype="application/json")
+
+
+# --- moving mail between folders ------------------------------------------------------------------
+
+
+@blueprint.post("/messages/<msg_id>/move")
+def move_message(msg_id: str) -> Response:
+    bridge = _bridge()
+    mailbox = authenticated_mailbox(bridge)
+    if mailbox is None:
+        return error("missing or unknown bearer token", 401)
+    data = _small_json()
+    folder = data.get("folder") if isinstance(data, dict) else None
+    if folder not in FOLDERS:
+        return error(f'give {{"folder": ...}}, one of: {", ".join(FOLDERS)}', 400)
+    record = bridge.messages.get_record(mailbox.address, msg_id) if is_message_id(msg_id) else None
+    if record is None:
+        return error("no such message", 404)
+    previous = record.get("folder")
+    record.update(folder=folder, status=STATUS_FILED, moved_by_owner=True, reason="moved by the owner")
+    bridge.messages.put_record(record)  # the object store keeps the truth; the index follows
+    bridge.index.file([(record, previous)])
+    return jsonify(_public(record))
+
+
+# --- handshakes -----------------------------------------------------------------------------------
+
+MAX_DOCUMENT_BYTES = 64 * 1024
+
+
+def _small_json() -> Any:
+    if (request.content_length or 0) > MAX_DOCUMENT_BYTES:
+        return None
+    return request.get_json(silent=True)
+
+
+@blueprint.put("/handshakes")
+def put_handshake() -> Response:
+    """Store a handshake the owner signed: 201 new, 200 replaced or unchanged.
+
+    400 malformed · 403 not signed by this mailbox's key, identifiers that do not derive, or
+    older than the stored one (a replayed approval must not undo a revocation) · 413 too large.
+    """
+    bridge = _bridge()
+    mailbox = authenticated_mailbox(bridge)
+    if mailbox is None:
+        return error("missing or unknown bearer token", 401)
+    if (request.content_length or 0) > MAX_DOCUMENT_BYTES:
+        return error("handshake document too large", 413)
+    document = request.get_json(silent=True)
+    if document is None:
+        return error("the body must be a JSON handshake document", 400)
+    try:
+        handshake = parse_signed_handshake(document, owner_public_key=base64.b64decode(mailbox.ed25519_public))
+        result = bridge.handshakes.put(mailbox.address, handshake)
+    except HandshakeError as exc:
+        return error(str(exc), exc.status)
+    except StaleHandshake as exc:
+        return error(str(exc), 403)
+    if result != UNCHANGED:
+        bridge.queue.enqueue(
+            "bridge.jobs.inbound.rescreen_mailbox", mailbox.address, handshake.handshake_id, job_timeout=600
+        )
+    response = jsonify({"result": result, "handshake": handshake.to_document()})
+    response.status_code = 201 if result == CREATED else 200
+    return response
+
+
+@blueprint.get("/handshakes")
+def list_handshakes() -> Response:
+    bridge = _bridge()
+    mailbox = authenticated_mailbox(bridge)
+    if mailbox is None:
+        return error("missing or unknown bearer token", 401)
+    return jsonify({"handshakes": [h.to_document() for h in bridge.handshakes.all(mailbox.address)]})
+
+
+@blueprint.post("/handshake-offers")
+def create_handshake_offer() -> Response:
+    bridge = _bridge()
+    mailbox = authenticated_mailbox(bridge)
+    if mailbox is None:
+        return error("missing or unknown bearer token", 401)
+    response = jsonify(bridge.offers.create(mailbox.address))
+    response.status_code = 201
+    return response
