@@ -2,7 +2,9 @@
 
 Starts a private ``redis-server`` in ``BRIDGE_DATA_DIR/redis`` when ``BRIDGE_REDIS_URL`` is
 unset, the web process (gunicorn) and one worker with its scheduler; prints what to paste into
-Postal; Ctrl-C (or SIGTERM) stops exactly the processes it started, by PID.
+Postal; Ctrl-C (or SIGTERM) stops exactly the processes it started, by PID, in order. The
+children run in their own sessions so that Ctrl-C reaches only this launcher, which then stops
+the worker before the web process and Redis last.
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ def run_embedded() -> int:
                     "wsgi:app",
                 ],
                 env=env,
+                start_new_session=True,
             )
         )
-        children.append(subprocess.Popen([sys.executable, "-m", "bridge", "worker"], env=env))
+        children.append(subprocess.Popen([sys.executable, "-m", "bridge", "worker"], env=env, start_new_session=True))
         _print_postal_instructions(settings, host, port)
         return _wait(children)
     finally:
@@ -67,9 +70,7 @@ def run_embedded() -> int:
 def _start_redis(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
     binary = shutil.which("redis-server")
     if binary is None:
-        raise SettingsError(
-            "BRIDGE_REDIS_URL is unset and redis-server is not installed (make run installs it)"
-        )
+        raise SettingsError("BRIDGE_REDIS_URL is unset and redis-server is not installed (make run installs it)")
     directory = settings.data_dir / "redis"
     directory.mkdir(parents=True, exist_ok=True)
     socket = embedded_redis_socket(settings)
@@ -148,11 +149,12 @@ def _wait(children: list[subprocess.Popen[bytes]]) -> int:
 
 
 def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    """Worker first, then the web process, Redis last: each finishes its work with Redis still there."""
     for child in reversed(children):
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    for child in reversed(children):
         try:
             child.wait(timeout=15)
         except subprocess.TimeoutExpired:
             child.kill()
+            child.wait()

@@ -24,7 +24,7 @@ from bridge.mailio.identity import mailio_address
 from bridge.sealing import Recipient
 from bridge.store.objects import ObjectStore
 
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s.][^@\s]*$")
 _CACHE_SECONDS = 30.0
 _NEGATIVE_CACHE_SECONDS = 5.0
 
