@@ -5,9 +5,9 @@ Order matters and every step is safe to repeat:
 1. resolve the mailbox (unknown -> the caller answers 404 or 429);
 2. derive the message id from Postal's delivery key (same id for every retry);
 3. read the sender facts (From, Postal's spam flag and client IP) and check DKIM, the only
-   verdict that needs the plaintext; then seal the message to the owner and create the body
-   object (create-only: a retry stores nothing);
-4. create the message record with the facts screening needs (create-only again);
+   verdict that needs the plaintext: together they are the message's initial record;
+4. seal the message to the owner, the record as the JWE's authenticated ``aad``, and create
+   the body object: one create-only write (a retry finds it there and stores nothing);
 5. note it for filing in Redis (one round trip) and enqueue a filing job if none is queued.
 
 Only then is the delivery acknowledged. Filing into folders happens in the worker, in batches.
@@ -16,11 +16,13 @@ This module knows nothing of Flask; it raises the stores' own errors for the web
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from bridge.context import Bridge
 from bridge.mail.auth import check_dkim
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 STORED = "stored"
 DUPLICATE = "duplicate"
 UNKNOWN_RECIPIENT = "unknown recipient"
+LARGE_MESSAGE = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,6 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
     # DKIM is the one check that needs the plaintext: run it before sealing (SPF, DMARC and the
     # handshake lookup need only envelope facts and run in the filing job).
     dkim_result, dkim_domains = check_dkim(message.message, bridge.resolver)
-    bridge.messages.create_body(
-        mailbox.address,
-        msg_id,
-        sealed_chunks(seal(message.message, [mailbox.recipient(bridge.settings.domain)])),
-    )
     received_at = time.time()
     spam = facts.postal_spam if message.spam_status is None else message.spam_status == "Spam"
     record: dict[str, Any] = {
@@ -85,7 +83,12 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
         "verdicts": {"dkim": dkim_result, "dkim_domains": list(dkim_domains)},
         "reason": None,
     }
-    created = bridge.messages.create_record(record)
+    aad = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+    sealed = seal(message.message, [mailbox.recipient(bridge.settings.domain)], aad)
+    if len(message.message) >= LARGE_MESSAGE:
+        gc.collect()  # joserfc leaves a ciphertext-sized reference cycle: free it before writing
+    created = bridge.messages.create_body(mailbox.address, msg_id, sealed_chunks(sealed))
+    del sealed
     if bridge.index.note_received(mailbox.address, msg_id, received_at):
         enqueue_filing(bridge)
     log.info("postal delivery %s: postal id %s -> %s", STORED if created else DUPLICATE, message.postal_id, msg_id)
@@ -97,8 +100,51 @@ def enqueue_filing(bridge: Bridge) -> None:
     bridge.queue.enqueue("bridge.jobs.inbound.file_unfiled", job_timeout=600, result_ttl=60, failure_ttl=7 * 86400)
 
 
-def sealed_chunks(document: dict[str, Any]) -> list[bytes]:
-    """The sealed JWE as JSON, in pieces, so a 25 MB ciphertext is not copied into one more string."""
+class _AsciiSlices(Sequence[bytes]):
+    """A long ASCII string as bytes, encoded a slice at a time when read: no full-size copy."""
+
+    def __init__(self, text: str, size: int = 1 << 20) -> None:
+        self._text, self._size = text, size
+
+    def __len__(self) -> int:
+        return -(-len(self._text) // self._size)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        start = (index % len(self)) * self._size
+        return self._text[start : start + self._size].encode("ascii")
+
+
+class _Joined(Sequence[bytes]):
+    """Several chunk sequences read as one."""
+
+    def __init__(self, *parts: Sequence[bytes]) -> None:
+        self._chunks = [(part, i) for part in parts for i in range(len(part))]
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        part, i = self._chunks[index]
+        return part[i]
+
+
+def sealed_chunks(document: dict[str, Any]) -> Sequence[bytes]:
+    """The sealed JWE as compact JSON, in pieces: the ciphertext is encoded a slice at a time,
+    so a 25 MB message's ciphertext is never copied into one more full-size object."""
     ciphertext = document.pop("ciphertext")
     head = json.dumps(document, separators=(",", ":"))
-    return [head[:-1].encode() + b',"ciphertext":"', ciphertext.encode("ascii"), b'"}']
+    return _Joined([head[:-1].encode() + b',"ciphertext":"'], _AsciiSlices(ciphertext), [b'"}'])

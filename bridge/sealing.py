@@ -42,19 +42,31 @@ class Recipient:
         return OKPKey.import_key({"kty": "OKP", "crv": "X25519", "x": x})
 
 
-def seal(plaintext: bytes, recipients: list[Recipient]) -> dict[str, Any]:
-    """Encrypt ``plaintext`` to every recipient; returns the General JSON JWE as a dict."""
+def seal(plaintext: bytes, recipients: list[Recipient], aad: bytes | None = None) -> dict[str, Any]:
+    """Encrypt ``plaintext`` to every recipient; returns the General JSON JWE as a dict.
+
+    ``aad`` travels in clear beside the ciphertext but is authenticated with it: whoever opens
+    the body knows those bytes were sealed together with it and not changed since.
+    """
     if not recipients:
         raise SealingError("no recipient to seal to")
-    document = jwe.GeneralJSONEncryption({"enc": CONTENT_ENCRYPTION}, plaintext)
+    document = jwe.GeneralJSONEncryption({"enc": CONTENT_ENCRYPTION}, plaintext, aad=aad)
     for recipient in recipients:
         document.add_recipient({"alg": KEY_ALGORITHM, "kid": recipient.kid}, recipient.jwk())
     return jwe.encrypt_json(document, None)
 
 
-def seal_to_json(plaintext: bytes, recipients: list[Recipient]) -> bytes:
+def seal_to_json(plaintext: bytes, recipients: list[Recipient], aad: bytes | None = None) -> bytes:
     """``seal`` serialized compactly, ready to store."""
-    return json.dumps(seal(plaintext, recipients), separators=(",", ":")).encode()
+    return json.dumps(seal(plaintext, recipients, aad), separators=(",", ":")).encode()
+
+
+def aad_of(document: dict[str, Any]) -> bytes | None:
+    """The additional authenticated data of a sealed body, decoded (None when it has none)."""
+    value = document.get("aad")
+    if not isinstance(value, str):
+        return None
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
 
 
 def _reader_registry() -> jwe.JWERegistry:

@@ -14,7 +14,7 @@ import redis
 
 from bridge import create_app
 from bridge.maintenance import rebuild_index
-from bridge.sealing import open_sealed
+from bridge.sealing import SealingError, open_sealed
 from bridge.settings import Settings
 from tests.conftest import DOMAIN, Owner, bridge_environment, make_owner, run_worker
 from tests.postal_sim import PostalSigner, PostalSimulator, hash_payload, raw_payload, ruby_json
@@ -455,3 +455,22 @@ def test_a_redis_error_is_503_never_500(client, owner, postal_signer, redis_url)
     response = signed_post(client, postal_signer, ruby_json(payload_for("RawMessage")))
     assert response.status_code == 503
     assert response.get_data(as_text=True) == "storage unavailable, retry later\n"
+
+
+def test_the_delivery_facts_are_sealed_with_the_body_and_tamper_evident(live_url, client, bridge, owner, postal_signer,
+                                                                         settings):
+    PostalSimulator(f"{live_url}/postal/inbound", postal_signer).post(payload_for("RawMessage"))
+    root = Path(settings.storage_url.removeprefix("file://"))
+    [body_file] = list(root.rglob("*.jwe"))
+    assert list(root.rglob("mail/**/*.json")) == []  # one write per delivery: the record rides in the body
+    document = json.loads(body_file.read_bytes())
+    facts = json.loads(base64.urlsafe_b64decode(document["aad"] + "=="))
+    assert facts["postal"]["id"] == 4821 and facts["sender"]["from"] == "jane@example.org"
+    assert facts["status"] == "received" and "Subject" not in json.dumps(facts)
+    open_sealed(document, owner.private_jwk)  # opens as stored
+    forged = dict(facts, postal={**facts["postal"], "id": 1})
+    document["aad"] = base64.urlsafe_b64encode(json.dumps(forged).encode()).decode().rstrip("=")
+    with pytest.raises(SealingError):
+        open_sealed(document, owner.private_jwk)
+    run_worker(bridge)
+    assert len(list(root.rglob("mail/**/*.json"))) == 1  # the worker wrote the filed record

@@ -2,8 +2,14 @@
 
 Layout (the object store is the system of record; Redis only indexes it)::
 
-    mail/<address>/<id>.jwe    the sealed body, written once (create-only), never changed
-    mail/<address>/<id>.json   the message record: facts, status, folder, verdicts
+    mail/<address>/<id>.jwe    the sealed body, written once (create-only), never changed; its
+                               JWE ``aad`` carries the message's initial record (the delivery facts)
+    mail/<address>/<id>.json   the message record as the worker filed it: folder, verdicts, status
+
+Receiving a message is one create-only write: the sealed body with its record authenticated
+inside it. That halves the request path's writes (and fsyncs), and a body can never exist
+without the facts needed to file it. Until the worker writes the ``.json`` record, the record is
+read from the body's ``aad``.
 
 A message id is derived from Postal's delivery key, so a retried delivery maps to the same
 objects and the create-only write of the body is the durable, cross-process dedupe: the
@@ -21,6 +27,7 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from bridge.sealing import aad_of
 from bridge.store.objects import ObjectStore
 
 STATUS_RECEIVED = "received"  # stored and acknowledged, not yet filed in a folder
@@ -49,15 +56,15 @@ class MessageStore:
         """Store a sealed body once; False when a body for this id exists already (a retry)."""
         return self._objects.create(self._key(address, msg_id, "jwe"), sealed)
 
-    def create_record(self, record: dict[str, Any]) -> bool:
-        return self._objects.create(self._key(record["mailbox"], record["id"], "json"), _dump(record))
-
     def put_record(self, record: dict[str, Any]) -> None:
         self._objects.put(self._key(record["mailbox"], record["id"], "json"), _dump(record))
 
     def get_record(self, address: str, msg_id: str) -> dict[str, Any] | None:
         data = self._objects.get(self._key(address, msg_id, "json"))
-        return json.loads(data) if data else None
+        if data:
+            return json.loads(data)
+        body = self._objects.get(self._key(address, msg_id, "jwe"))
+        return initial_record(body) if body else None
 
     def get_body(self, address: str, msg_id: str) -> bytes | None:
         return self._objects.get(self._key(address, msg_id, "jwe"))
@@ -65,15 +72,30 @@ class MessageStore:
     def records(self, address: str | None = None) -> Iterator[dict[str, Any]]:
         """Every message record (of one mailbox, or of all): the source for rebuilding indexes."""
         prefix = f"mail/{address}/" if address else "mail/"
-        for key in self._objects.list(prefix):
+        keys = list(self._objects.list(prefix))
+        filed = {k[:-5] for k in keys if k.endswith(".json")}
+        for key in keys:
             if key.endswith(".json"):
                 data = self._objects.get(key)
-                if data:
-                    yield json.loads(data)
+            elif key.endswith(".jwe") and key[:-4] not in filed:
+                data = self._objects.get(key)
+                data = json.dumps(initial_record(data)).encode() if data else None
+            else:
+                continue
+            if data:
+                yield json.loads(data)
 
     @staticmethod
     def _key(address: str, msg_id: str, kind: str) -> str:
         return f"mail/{address}/{msg_id}.{kind}"
+
+
+def initial_record(sealed_body: bytes) -> dict[str, Any]:
+    """The record a body was stored with (its JWE ``aad``), before any filing."""
+    aad = aad_of(json.loads(sealed_body))
+    if aad is None:
+        raise ValueError("sealed body without its record")
+    return json.loads(aad)
 
 
 def _dump(record: dict[str, Any]) -> bytes:
