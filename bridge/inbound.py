@@ -16,7 +16,6 @@ This module knows nothing of Flask; it raises the stores' own errors for the web
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
@@ -36,7 +35,6 @@ log = logging.getLogger(__name__)
 STORED = "stored"
 DUPLICATE = "duplicate"
 UNKNOWN_RECIPIENT = "unknown recipient"
-LARGE_MESSAGE = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -85,8 +83,6 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
     }
     aad = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
     sealed = seal(message.message, [mailbox.recipient(bridge.settings.domain)], aad)
-    if len(message.message) >= LARGE_MESSAGE:
-        gc.collect()  # joserfc leaves a ciphertext-sized reference cycle: free it before writing
     created = bridge.messages.create_body(mailbox.address, msg_id, sealed_chunks(sealed))
     del sealed
     if bridge.index.note_received(mailbox.address, msg_id, received_at):

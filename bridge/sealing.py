@@ -53,7 +53,11 @@ def seal(plaintext: bytes, recipients: list[Recipient], aad: bytes | None = None
     document = jwe.GeneralJSONEncryption({"enc": CONTENT_ENCRYPTION}, plaintext, aad=aad)
     for recipient in recipients:
         document.add_recipient({"alg": KEY_ALGORITHM, "kid": recipient.kid}, recipient.jwk())
-    return jwe.encrypt_json(document, None)
+    sealed = jwe.encrypt_json(document, None)
+    # joserfc's recipients point back at the document: break the cycle so the ciphertext-sized
+    # buffers it holds are freed now, not whenever the cyclic garbage collector runs.
+    document.recipients.clear()
+    return sealed
 
 
 def seal_to_json(plaintext: bytes, recipients: list[Recipient], aad: bytes | None = None) -> bytes:

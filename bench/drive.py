@@ -1,0 +1,85 @@
+"""A fixed-count load generator: post exactly N pool deliveries with C connections, then stop.
+
+wrk runs for a time, not a count, and leaves requests in flight when it stops; the end-to-end
+measurement needs exactly N deliveries so that "all N filed" is well defined. Run as its own
+process (``python -m bench.drive``) so it does not share an interpreter with the measurer. It
+prints one JSON line: wall-clock start, time of the last 2xx, and the counts.
+
+It must never send more than N requests, never retry, and only talk to the 127.0.0.1 URL it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
+
+from bench.pool import read_pool
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.drive")
+    parser.add_argument("url")
+    parser.add_argument("index")
+    parser.add_argument("bodies")
+    parser.add_argument("--first", type=int, default=0)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--deadline", type=float, default=120.0, help="stop sending after this many seconds")
+    args = parser.parse_args(argv)
+    target = urlsplit(args.url)
+    if target.hostname != "127.0.0.1":
+        raise SystemExit("bench.drive only posts to 127.0.0.1")
+    try:
+        deliveries = read_pool(args.index, args.bodies, args.first, args.count)
+    except IndexError as exc:
+        raise SystemExit(f"bench.drive: {exc}") from None
+
+    lock = threading.Lock()
+    state = {"next": 0, "ok": 0, "non2xx": 0, "errors": 0, "last_ok": 0.0}
+    start = time.time()
+    stop_at = time.monotonic() + args.deadline
+
+    def run() -> None:
+        while time.monotonic() < stop_at:
+            with lock:
+                i = state["next"]
+                if i >= len(deliveries):
+                    return
+                state["next"] = i + 1
+            body, headers = deliveries[i]
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+            try:
+                conn.request("POST", target.path or "/", body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                status = response.status
+            except OSError:
+                status = -1
+            finally:
+                conn.close()
+            now = time.time()
+            with lock:
+                if 200 <= status < 300:
+                    state["ok"] += 1
+                    state["last_ok"] = max(state["last_ok"], now)
+                elif status < 0:
+                    state["errors"] += 1
+                else:
+                    state["non2xx"] += 1
+
+    workers = [threading.Thread(target=run) for _ in range(args.concurrency)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    print(json.dumps({"start": start, "end": time.time(), "sent": state["next"], **state}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

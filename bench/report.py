@@ -1,0 +1,230 @@
+"""The benchmark's report: one Markdown text, printed and written to bench/RESULTS.md.
+
+Medians over the interleaved repeats (this machine is shared and noisy), ratios to the bare baseline
+in the same run, and the issue's goals next to what was measured. It must never measure anything.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.__main__ import Run
+
+GOAL_RATIO = 0.4
+GOAL_P99_MS = 20.0
+GOAL_FILED = 0.9
+GOAL_MEMORY = 4.0
+MB = 1024 * 1024
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def rate(result: dict[str, float]) -> float:
+    return result["requests"] / (result["duration_us"] / 1e6)
+
+
+def load_line(result: dict[str, float]) -> str:
+    return (
+        f"{rate(result):7.0f} req/s  p50 {result['p50_us'] / 1000:6.1f} ms  p99 {result['p99_us'] / 1000:6.1f} ms"
+        f"  server CPU {result['server_cpu_ms']:5.2f} ms/req  non-2xx {int(result['non2xx'])}"
+    )
+
+
+def _summary(results: list[dict[str, float]]) -> dict[str, float]:
+    return {
+        "rps": _median([rate(r) for r in results]),
+        "p50": _median([r["p50_us"] / 1000 for r in results]),
+        "p99": _median([r["p99_us"] / 1000 for r in results]),
+        "cpu": _median([r["server_cpu_ms"] for r in results]),
+        "non2xx": sum(r["non2xx"] for r in results),
+        "errors": sum(r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"] for r in results),
+        "wrapped": max(r["wrapped"] for r in results),
+    }
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+
+def render(run: Run, elapsed: float) -> str:
+    c = run.config
+    lines: list[str] = []
+    add = lines.append
+    load = {name: _summary(results) for name, results in run.load.items()}
+    bare, full = load.get("bare"), load.get("full")
+    ratio = full["rps"] / bare["rps"] if bare and full and bare["rps"] else None
+    e2e = run.e2e
+    accepted_rate = filed_rate = filed_ratio = None
+    if e2e.get("accepted_seconds"):
+        accepted_rate = e2e["accepted"] / e2e["accepted_seconds"]
+    if e2e.get("filed_seconds"):
+        filed_rate = e2e["accepted"] / e2e["filed_seconds"]
+    if accepted_rate and filed_rate:
+        filed_ratio = filed_rate / accepted_rate
+    memory_factor = None
+    if "full" in run.memory:
+        m = run.memory["full"]
+        memory_factor = m["growth_bytes"] / m["message_bytes"]
+
+    add("# `make bench`: the inbound path against a bare baseline")
+    add("")
+    add(
+        f"- Date: {run.started:%Y-%m-%d %H:%M} UTC; command: `make bench` (= `.venv/bin/python -m bench`); "
+        f"took {elapsed:.0f} s."
+    )
+    add(
+        f"- Machine: nproc {run.machine.get('nproc')}, {run.machine.get('cpu')}, Linux {run.machine.get('kernel')}, "
+        f"Python {run.machine.get('python')}, {run.machine.get('wrk')}; load average at start "
+        f"{run.machine.get('load average at start')}, at end {run.machine.get('load average at end')}. "
+        "Shared and noisy: read medians and ratios, not absolutes."
+    )
+    add(
+        "- Everything ran on 127.0.0.1: a private redis-server (no persistence), gunicorn, wrk, the bridge's "
+        "file:// object store in a temporary directory, a throw-away Postal key."
+    )
+    add("")
+    add("## Goals (from the issue) and this run")
+    add("")
+    add("| goal | target | this run | |")
+    add("|---|---|---|---|")
+    add(
+        f"| throughput full/bare (fsync on) | >= {GOAL_RATIO} | {_fmt(ratio, '.2f')} | "
+        f"{_verdict(None if ratio is None else ratio >= GOAL_RATIO)} |"
+    )
+    p99 = full["p99"] if full else None
+    add(
+        f"| p99 latency at concurrency {8}, full (fsync on) | <= {GOAL_P99_MS:.0f} ms | {_fmt(p99, '.1f')} ms | "
+        f"{_verdict(None if p99 is None else p99 <= GOAL_P99_MS)} |"
+    )
+    add(
+        f"| filed rate / accepted rate | >= {GOAL_FILED} | {_fmt(filed_ratio, '.2f')} | "
+        f"{_verdict(None if filed_ratio is None else filed_ratio >= GOAL_FILED)} |"
+    )
+    add(
+        f"| peak memory growth / message size | <= {GOAL_MEMORY:.0f}x | {_fmt(memory_factor, '.1f')}x | "
+        f"{_verdict(None if memory_factor is None else memory_factor <= GOAL_MEMORY)} |"
+    )
+    add("")
+
+    add("## 1. Throughput and latency")
+    add("")
+    add(
+        f"gunicorn `--workers {c.web_workers} --worker-class sync` on 127.0.0.1 for both targets; "
+        f"`wrk -t2 -c8 -d{c.seconds:.0f}s --latency -s bench/post.lua` posting signed RawMessage deliveries "
+        f"(~20 KB message, ~29.5 KB JSON request, unique Postal ids); {c.repeats} interleaved runs per target "
+        f"after a {c.warm_up:.0f} s warm-up; medians."
+    )
+    add("")
+    add(
+        "| target | req/s | p50 ms | p99 ms | req/s / bare | server CPU ms/req | CPU / bare | non-2xx "
+        "| socket errors | req/s per run |"
+    )
+    add("|---|---|---|---|---|---|---|---|---|---|")
+    names = {"bare": "bare WSGI (bench/bare.py)", "full": "bridge, fsync on", "full-nofsync": "bridge, fsync off"}
+    for name, summary in load.items():
+        per_run = " / ".join(f"{rate(r):.0f}" for r in run.load[name])
+        share = summary["rps"] / bare["rps"] if bare and bare["rps"] else float("nan")
+        cpu_share = summary["cpu"] / bare["cpu"] if bare and bare["cpu"] else float("nan")
+        add(
+            f"| {names.get(name, name)} | {summary['rps']:.0f} | {summary['p50']:.1f} | {summary['p99']:.1f} | "
+            f"{share:.2f} | {summary['cpu']:.2f} | {cpu_share:.1f}x | {int(summary['non2xx'])} | "
+            f"{int(summary['errors'])} | {per_run} |"
+        )
+    wrapped = [n for n, s in load.items() if n != "bare" and s["wrapped"]]
+    add("")
+    add(
+        "Server CPU ms/req: user + system CPU time of the gunicorn master and workers during the run, per "
+        "request; less sensitive than req/s to what else runs on this machine (Redis and wrk not counted). "
+        "wrk keeps 8 requests in flight (a closed loop), so mean latency is about 8 / (req/s): the p99 goal "
+        "is also a throughput goal."
+    )
+    add("")
+    add(
+        f"Pool: {run.pool_size} signed deliveries; the bridge targets each used their own unique range "
+        f"({'it WRAPPED for ' + ', '.join(wrapped) + ': some requests were duplicates' if wrapped else 'no wrap'}); "
+        "the bare baseline cycles through the pool (it stores nothing, so repeats cost it the same)."
+    )
+    add("")
+
+    add("## 2. End to end: accepted vs filed")
+    add("")
+    add(
+        "One gunicorn sync worker + one `python -m bridge worker` (RQ, batch filing), fsync on; "
+        f"{e2e.get('count', 0)} unique deliveries posted by bench/drive.py ({8} connections, a separate process). "
+        "Accepted = deliveries / time to the last 2xx; filed = deliveries / time until ZCARD "
+        "`bridge:idx:<address>:other` equals them (polled every 20 ms)."
+    )
+    add("")
+    add("| deliveries | 2xx | accepted in | accepted/s | filed in | filed/s | filed/accepted |")
+    add("|---|---|---|---|---|---|---|")
+    if e2e:
+        add(
+            f"| {e2e['count']} | {e2e['accepted']} | {_fmt(e2e.get('accepted_seconds'), '.1f')} s | "
+            f"{_fmt(accepted_rate, '.0f')} | {_fmt(e2e.get('filed_seconds'), '.1f')} s | {_fmt(filed_rate, '.0f')} | "
+            f"{_fmt(filed_ratio, '.2f')} |"
+        )
+    add("")
+
+    add("## 3. Memory: one 25 MB message, one sync worker")
+    add("")
+    add(
+        "Warm-up with one 20 KB delivery, then `echo 5 > /proc/<worker>/clear_refs`, VmRSS before, "
+        "VmHWM after the 25 MB delivery (a MIME message with a base64 attachment of random bytes)."
+    )
+    add("")
+    add("| target | message | request body | RSS before | peak | growth | growth / message | answer | time |")
+    add("|---|---|---|---|---|---|---|---|---|")
+    for name, m in run.memory.items():
+        add(
+            f"| {names.get(name, name)} | {m['message_bytes'] / MB:.1f} MiB | {m['request_bytes'] / MB:.1f} MiB | "
+            f"{m['rss_before_kb'] / 1024:.0f} MiB | {m['peak_kb'] / 1024:.0f} MiB | {m['growth_bytes'] / MB:.0f} MiB | "
+            f"{m['growth_bytes'] / m['message_bytes']:.1f}x | {int(m['status'])} | {m['seconds']:.2f} s |"
+        )
+    add("")
+    if run.stage_memory:
+        add(
+            "Where the bridge's peak comes from: the same delivery through each stage in-process, Python heap "
+            "(tracemalloc): the most each stage allocated above what was live when it started, and what it left."
+        )
+        add("")
+        add("| stage (25 MB delivery) | peak MiB | left allocated MiB |")
+        add("|---|---|---|")
+        for row in run.stage_memory:
+            add(f"| {row.name} | {row.peak_mib:.1f} | {row.retained_mib:.1f} |")
+        add("")
+        add(
+            f"`gc.collect()` right after sealing frees {run.cyclic_mib:.1f} MiB: garbage in a reference cycle, "
+            "which a request keeps until the cyclic collector happens to run."
+        )
+        add("")
+
+    add("## 4. Where the time goes (in-process, one ~20 KB message)")
+    add("")
+    add("Each stage is the bridge's own code; stages that store get a new id each call. Median and p90 in ms.")
+    add("")
+    add("| stage | median ms | p90 ms | runs |")
+    add("|---|---|---|---|")
+    for stage in run.stages:
+        add(f"| {stage.name} | {stage.median_ms:.3f} | {stage.p90_ms:.3f} | {stage.runs} |")
+    add("")
+    if run.notes:
+        add("## Notes")
+        add("")
+        for note in run.notes:
+            add(f"- {note}")
+        add("")
+    if run.problems:
+        add("## Problems")
+        add("")
+        for problem in run.problems:
+            add(f"- {problem}")
+        add("")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
