@@ -1,0 +1,110 @@
+"""The deployed shape: gunicorn serving wsgi:app and `python -m bridge worker`, as real processes.
+
+The werkzeug server other tests use hands the app a different input stream than gunicorn does;
+this file catches what only the production server shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from bridge.context import Bridge
+from bridge.sealing import open_sealed
+from bridge.settings import Settings
+from tests.conftest import DOMAIN, make_owner
+from tests.postal_sim import PostalSimulator, raw_payload, ruby_json
+from tests.servers import free_port, stop_process
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def gunicorn(environment: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, **environment, "PYTHONPATH": str(ROOT)}
+    log = (tmp_path / "gunicorn.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}", "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    else:
+        stop_process(proc)
+        pytest.fail(f"gunicorn did not start:\n{(tmp_path / 'gunicorn.log').read_text()[-2000:]}")
+    yield url
+    stop_process(proc)
+    log.close()
+
+
+def test_postal_to_gunicorn_to_worker_to_owner(gunicorn, environment, postal_signer):
+    bridge = Bridge(Settings.from_env(environment))
+    owner = make_owner(bridge, f"support@{DOMAIN}")
+    big = b"From: Jane <jane@example.org>\r\nSubject: big\r\n\r\n" + b"x" * 3_000_000 + b"\r\n"
+    sent = {}
+    for postal_id, (encoding, message) in enumerate(
+        [("BodyAsJSON", b"From: Jane <jane@example.org>\r\n\r\nhi\r\n"), ("FormData", big), ("BodyAsJSON", big)], 1
+    ):
+        payload = raw_payload(
+            postal_id=postal_id, rcpt_to=f"support@{DOMAIN}", mail_from="jane@example.org", message=message
+        )
+        attempt = PostalSimulator(f"{gunicorn}/postal/inbound", postal_signer, encoding=encoding).post(payload)
+        assert (attempt.status, attempt.body_text.strip()) == (200, "stored")
+        sent[postal_id] = base64.b64decode(payload["message"])
+
+    # chunked transfer encoding (no Content-Length) reads the same way
+    payload = raw_payload(postal_id=9, rcpt_to=f"support@{DOMAIN}", mail_from="jane@example.org", message=big)
+    body = ruby_json(payload)
+    headers = {**postal_signer.sign_headers(body), "Content-Type": "application/json"}
+    response = requests.post(
+        f"{gunicorn}/postal/inbound", data=iter([body[:1000], body[1000:]]), headers=headers, timeout=30
+    )
+    assert response.status_code == 200 and response.text == "stored\n"
+    sent[9] = base64.b64decode(payload["message"])
+
+    env = {**os.environ, **environment, "PYTHONPATH": str(ROOT)}
+    worker = subprocess.run(
+        [sys.executable, "-m", "bridge", "worker", "--burst"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert worker.returncode == 0, worker.stderr[-2000:]
+
+    auth = {"Authorization": f"Bearer {owner.token}"}
+    listing = requests.get(f"{gunicorn}/api/v1/messages?folder=other", headers=auth, timeout=10).json()["messages"]
+    assert sorted(r["postal"]["id"] for r in listing) == [1, 2, 3, 9]
+    for record in listing:
+        body = requests.get(f"{gunicorn}/api/v1/messages/{record['id']}", headers=auth, timeout=30).json()["body"]
+        assert open_sealed(body, owner.private_jwk) == sent[record["postal"]["id"]]
+
+
+def test_gunicorn_refuses_an_oversize_delivery_before_reading_it(gunicorn, environment):
+    port = int(gunicorn.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(
+            b"POST /postal/inbound HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 999999999999\r\n\r\n"
+        )
+        assert conn.recv(4096).startswith(b"HTTP/1.1 413")
