@@ -195,32 +195,15 @@ def cmd_mailbox_token(args: argparse.Namespace) -> int:
 # --- client side -----------------------------------------------------------------------------
 
 
-def _api_get(url: str, token: str | None, path: str) -> Any:
+def _api(method: str, url: str, token: str | None, path: str, document: Any = None) -> Any:
+    """One call to the owner API; any failure becomes a one-line CommandError."""
     import requests
 
     if not token:
         raise CommandError("an API token is needed: --token or BRIDGE_API_TOKEN")
     try:
-        response = requests.get(f"{url.rstrip('/')}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    except requests.RequestException as exc:
-        raise CommandError(f"cannot reach {url}: {exc.__class__.__name__}") from None
-    if response.status_code != 200:
-        try:
-            reason = response.json().get("error", "")
-        except ValueError:
-            reason = response.text[:100]
-        raise CommandError(f"{response.status_code}: {reason}")
-    return response.json()
-
-
-def _api_put(url: str, token: str | None, path: str, document: Any) -> Any:
-    import requests
-
-    if not token:
-        raise CommandError("an API token is needed: --token or BRIDGE_API_TOKEN")
-    try:
-        response = requests.put(
-            f"{url.rstrip('/')}{path}", json=document, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        response = requests.request(
+            method, f"{url.rstrip('/')}{path}", json=document, headers={"Authorization": f"Bearer {token}"}, timeout=60
         )
     except requests.RequestException as exc:
         raise CommandError(f"cannot reach {url}: {exc.__class__.__name__}") from None
@@ -255,21 +238,21 @@ def cmd_handshake_sign(args: argparse.Namespace) -> int:
         )
     except HandshakeError as exc:
         raise CommandError(str(exc)) from None
-    result = _api_put(args.url, args.token, "/api/v1/handshakes", document)
+    result = _api("PUT", args.url, args.token, "/api/v1/handshakes", document)
     content = result["handshake"]["content"]
     print(json.dumps({"result": result["result"], "handshakeId": content["handshakeId"], "status": content["status"]}))
     return 0
 
 
 def cmd_handshake_list(args: argparse.Namespace) -> int:
-    for document in _api_get(args.url, args.token, "/api/v1/handshakes")["handshakes"]:
+    for document in _api("GET", args.url, args.token, "/api/v1/handshakes")["handshakes"]:
         content = document["content"]
         print(json.dumps({k: content.get(k) for k in ("handshakeId", "status", "senderMetadata", "created")}))
     return 0
 
 
 def cmd_mail_list(args: argparse.Namespace) -> int:
-    data = _api_get(args.url, args.token, f"/api/v1/messages?folder={args.folder}")
+    data = _api("GET", args.url, args.token, f"/api/v1/messages?folder={args.folder}")
     for record in data["messages"]:
         print(json.dumps(record))
     return 0
@@ -284,7 +267,7 @@ def cmd_mail_read(args: argparse.Namespace) -> int:
         UserKeys.from_key_file(key_file)
     except (OSError, ValueError) as exc:
         raise CommandError(f"cannot use key file: {exc.__class__.__name__}") from None
-    data = _api_get(args.url, args.token, f"/api/v1/messages/{args.id}")
+    data = _api("GET", args.url, args.token, f"/api/v1/messages/{args.id}")
     try:
         plaintext = open_sealed(data["body"], key_file["encryption_key"])
     except SealingError as exc:

@@ -96,14 +96,19 @@ def enqueue_filing(bridge: Bridge) -> None:
     bridge.queue.enqueue("bridge.jobs.inbound.file_unfiled", job_timeout=600, result_ttl=60, failure_ttl=7 * 86400)
 
 
-class _AsciiSlices(Sequence[bytes]):
-    """A long ASCII string as bytes, encoded a slice at a time when read: no full-size copy."""
+class _LazyChunks(Sequence[bytes]):
+    """A JSON document as byte chunks, its long ASCII member encoded a slice at a time when read."""
 
-    def __init__(self, text: str, size: int = 1 << 20) -> None:
-        self._text, self._size = text, size
+    def __init__(self, head: bytes, text: str, tail: bytes, size: int = 1 << 20) -> None:
+        self._text = text
+        self._pieces: list[bytes | tuple[int, int]] = [
+            head,
+            *((i, min(i + size, len(text))) for i in range(0, len(text), size)),
+            tail,
+        ]
 
     def __len__(self) -> int:
-        return -(-len(self._text) // self._size)
+        return len(self._pieces)
 
     @overload
     def __getitem__(self, index: int) -> bytes: ...
@@ -112,30 +117,8 @@ class _AsciiSlices(Sequence[bytes]):
     def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        start = (index % len(self)) * self._size
-        return self._text[start : start + self._size].encode("ascii")
-
-
-class _Joined(Sequence[bytes]):
-    """Several chunk sequences read as one."""
-
-    def __init__(self, *parts: Sequence[bytes]) -> None:
-        self._chunks = [(part, i) for part in parts for i in range(len(part))]
-
-    def __len__(self) -> int:
-        return len(self._chunks)
-
-    @overload
-    def __getitem__(self, index: int) -> bytes: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
-    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        part, i = self._chunks[index]
-        return part[i]
+        piece = self._pieces[index]
+        return piece if isinstance(piece, bytes) else self._text[piece[0] : piece[1]].encode("ascii")
 
 
 def sealed_chunks(document: dict[str, Any]) -> Sequence[bytes]:
@@ -143,4 +126,4 @@ def sealed_chunks(document: dict[str, Any]) -> Sequence[bytes]:
     so a 25 MB message's ciphertext is never copied into one more full-size object."""
     ciphertext = document.pop("ciphertext")
     head = json.dumps(document, separators=(",", ":"))
-    return _Joined([head[:-1].encode() + b',"ciphertext":"'], _AsciiSlices(ciphertext), [b'"}'])
+    return _LazyChunks(head[:-1].encode() + b',"ciphertext":"', ciphertext, b'"}')

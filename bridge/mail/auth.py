@@ -305,9 +305,7 @@ def check_dkim(message: bytes, resolver: dns.resolver.Resolver) -> tuple[str, tu
     return _dkim(message, resolver)
 
 
-def authenticate(
-    message: bytes, *, facts: SenderFacts, mail_from: str, resolver: dns.resolver.Resolver
-) -> AuthVerdict:
+def authenticate(message: bytes, *, facts: SenderFacts, mail_from: str, resolver: dns.resolver.Resolver) -> AuthVerdict:
     """Check DKIM, SPF and DMARC for ``message`` and say whether they vouch for its From domain.
 
     ``facts`` are the message's sender facts (From, client IP, HELO); ``mail_from`` the envelope sender

@@ -153,9 +153,7 @@ def decode_content(raw: bytes) -> dict[str, Any]:
     verification: the signature covers the received bytes, which need not be canonical."""
     stream = io.BytesIO(raw)
     try:
-        decoder = cbor2.CBORDecoder(
-            stream, max_depth=MAX_DEPTH, allow_duplicate_keys=False, strict_hashable_types=True
-        )
+        decoder = cbor2.CBORDecoder(stream, max_depth=MAX_DEPTH, allow_duplicate_keys=False, strict_hashable_types=True)
         item = decoder.decode()
     except Exception:  # cbor2 and its tag decoders raise many types; all mean "not valid CBOR for us"
         raise _bad("cborPayloadBase64 is not a valid CBOR item") from None

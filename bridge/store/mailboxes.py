@@ -64,9 +64,7 @@ class Mailbox:
 
     def recipient(self, domain: str) -> Recipient:
         """The JWE recipient that seals mail to this mailbox's owner."""
-        return Recipient(
-            kid=f"did:web:{domain}#{self.address}", x25519_public=base64.b64decode(self.x25519_public)
-        )
+        return Recipient(kid=f"did:web:{domain}#{self.address}", x25519_public=base64.b64decode(self.x25519_public))
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

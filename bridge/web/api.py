@@ -21,7 +21,9 @@ code  when
 from __future__ import annotations
 
 import base64
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -57,16 +59,27 @@ def _bridge() -> Bridge:
     return current_app.extensions["bridge"]
 
 
+def owner_only(view: Callable[..., Response]) -> Callable[..., Response]:
+    """Authenticate the bearer token first; the view gets the bridge and the token's mailbox."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Response:
+        bridge = _bridge()
+        mailbox = authenticated_mailbox(bridge)
+        if mailbox is None:
+            return error("missing or unknown bearer token", 401)
+        return view(bridge, mailbox, *args, **kwargs)
+
+    return wrapper
+
+
 def _public(record: dict[str, Any]) -> dict[str, Any]:
     return {"id": record["id"], "folder": record.get("folder"), **record}
 
 
 @blueprint.get("/messages")
-def list_messages() -> Response:
-    bridge = _bridge()
-    mailbox = authenticated_mailbox(bridge)
-    if mailbox is None:
-        return error("missing or unknown bearer token", 401)
+@owner_only
+def list_messages(bridge: Bridge, mailbox: Mailbox) -> Response:
     folder = request.args.get("folder", "inbox")
     if folder not in FOLDERS:
         return error(f"unknown folder; one of: {', '.join(FOLDERS)}", 400)
@@ -82,11 +95,8 @@ def list_messages() -> Response:
 
 
 @blueprint.get("/messages/<msg_id>")
-def get_message(msg_id: str) -> Response:
-    bridge = _bridge()
-    mailbox = authenticated_mailbox(bridge)
-    if mailbox is None:
-        return error("missing or unknown bearer token", 401)
+@owner_only
+def get_message(bridge: Bridge, mailbox: Mailbox, msg_id: str) -> Response:
     if not is_message_id(msg_id):
         return error("no such message", 404)
     record = bridge.messages.get_record(mailbox.address, msg_id)
@@ -102,11 +112,8 @@ def get_message(msg_id: str) -> Response:
 
 
 @blueprint.post("/messages/<msg_id>/move")
-def move_message(msg_id: str) -> Response:
-    bridge = _bridge()
-    mailbox = authenticated_mailbox(bridge)
-    if mailbox is None:
-        return error("missing or unknown bearer token", 401)
+@owner_only
+def move_message(bridge: Bridge, mailbox: Mailbox, msg_id: str) -> Response:
     data = _small_json()
     folder = data.get("folder") if isinstance(data, dict) else None
     if folder not in FOLDERS:
@@ -133,16 +140,13 @@ def _small_json() -> Any:
 
 
 @blueprint.put("/handshakes")
-def put_handshake() -> Response:
+@owner_only
+def put_handshake(bridge: Bridge, mailbox: Mailbox) -> Response:
     """Store a handshake the owner signed: 201 new, 200 replaced or unchanged.
 
     400 malformed · 403 not signed by this mailbox's key, identifiers that do not derive, or
     older than the stored one (a replayed approval must not undo a revocation) · 413 too large.
     """
-    bridge = _bridge()
-    mailbox = authenticated_mailbox(bridge)
-    if mailbox is None:
-        return error("missing or unknown bearer token", 401)
     if (request.content_length or 0) > MAX_DOCUMENT_BYTES:
         return error("handshake document too large", 413)
     document = request.get_json(silent=True)
@@ -165,20 +169,14 @@ def put_handshake() -> Response:
 
 
 @blueprint.get("/handshakes")
-def list_handshakes() -> Response:
-    bridge = _bridge()
-    mailbox = authenticated_mailbox(bridge)
-    if mailbox is None:
-        return error("missing or unknown bearer token", 401)
+@owner_only
+def list_handshakes(bridge: Bridge, mailbox: Mailbox) -> Response:
     return jsonify({"handshakes": [h.to_document() for h in bridge.handshakes.all(mailbox.address)]})
 
 
 @blueprint.post("/handshake-offers")
-def create_handshake_offer() -> Response:
-    bridge = _bridge()
-    mailbox = authenticated_mailbox(bridge)
-    if mailbox is None:
-        return error("missing or unknown bearer token", 401)
+@owner_only
+def create_handshake_offer(bridge: Bridge, mailbox: Mailbox) -> Response:
     response = jsonify(bridge.offers.create(mailbox.address))
     response.status_code = 201
     return response
