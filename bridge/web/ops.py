@@ -44,9 +44,11 @@ def mount_dashboard(app: Flask, bridge: Bridge) -> None:
     if not password:
         return
     import rq_dashboard
+    import rq_dashboard.web
 
     app.config.from_object(rq_dashboard.default_settings)
     app.config["RQ_DASHBOARD_REDIS_URL"] = bridge.redis_url
+    rq_dashboard.web.setup_rq_connection(app)  # what rq-dashboard's own app factory does
 
     @app.before_request
     def require_operator() -> Response | None:

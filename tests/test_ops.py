@@ -1,0 +1,30 @@
+"""Operations: the RQ dashboard behind the operator's password, and health."""
+
+from __future__ import annotations
+
+import base64
+
+from bridge import create_app
+from bridge.settings import Settings
+from tests.conftest import bridge_environment
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_dashboard_is_off_without_a_password(client):
+    assert client.get("/rq/").status_code == 404
+
+
+def test_dashboard_needs_the_operator_password(tmp_path, redis_url, postal_signer):
+    env = bridge_environment(tmp_path, redis_url, postal_signer, BRIDGE_DASHBOARD_PASSWORD="s3cret-pass")
+    client = create_app(Settings.from_env(env)).test_client()
+    assert client.get("/rq/").status_code == 401
+    assert client.get("/rq/", headers=basic("admin", "wrong")).status_code == 401
+    page = client.get("/rq/", headers=basic("admin", "s3cret-pass"))
+    assert page.status_code == 200 and b"RQ" in page.data
+    queues = client.get("/rq/0/data/queues.json", headers=basic("admin", "s3cret-pass"))
+    assert queues.status_code == 200 and "queues" in queues.get_json()
+    # the Postal endpoint and the API are not behind the operator's password
+    assert client.get("/healthz").status_code == 200
