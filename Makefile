@@ -19,6 +19,7 @@ run: apt-run $(VENV)/.run-deps
 
 test: apt-test $(VENV)/.test-deps tests/referee/node_modules/.installed
 	$(VENV)/bin/ruff check bridge tests bench wsgi.py
+	$(VENV)/bin/mypy bridge
 	$(PY) -m pytest -q
 
 bench: apt-test $(VENV)/.test-deps

@@ -34,9 +34,10 @@ from typing import Any
 
 import redis
 
-from bench import procs, report
+from bench import procs, report, screening
 from bench.pool import Pool, big_message, build_pool, encode_delivery, extend_pool
 from bench.procs import BenchError, BridgeWorker, Gunicorn
+from bench.screening import ScreeningConfig
 from bench.stages import measure_stage_memory, measure_stages
 from bridge.context import Bridge
 from bridge.mailio.identity import UserKeys, generate_user_keys
@@ -52,6 +53,7 @@ BIG_MESSAGE_BYTES = 25 * 1024 * 1024
 THREADS, CONNECTIONS = 2, 8
 BRIDGE_APP = "wsgi:app"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTIONS = ("load", "e2e", "memory", "where", "screening")
 
 
 @dataclass
@@ -60,10 +62,13 @@ class Config:
     repeats: int
     warm_up: float
     web_workers: int
+    experiment_workers: int  # 0: no "--workers N" experiment
     e2e_count: int
     stage_runs: int
     nofsync: bool
     write_results: bool
+    only: tuple[str, ...] = ()
+    screening: ScreeningConfig = field(default_factory=ScreeningConfig)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class Run:
     stages: list[Any] = field(default_factory=list)
     stage_memory: list[Any] = field(default_factory=list)
     cyclic_mib: float = 0.0
+    screening: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # something broke: exit 1
     notes: list[str] = field(default_factory=list)  # worth saying, not broken
 
@@ -100,18 +106,22 @@ class Bench:
         self.log_dir = tmp / "logs"
         self.log_dir.mkdir()
 
-    def env(self, name: str, *, fsync: bool) -> dict[str, str]:
-        """The environment of one bridge (own data directory, own Redis database) with its mailbox."""
+    def env(
+        self, name: str, *, fsync: bool, root: Path | None = None, extra: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """The environment of one bridge (own data directory under ``root``, the run's temporary
+        directory by default, and own Redis database) with its mailbox."""
         self._databases += 1
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "AWS_"))}
         env.update(
             BRIDGE_DOMAIN=DOMAIN,
-            BRIDGE_DATA_DIR=str(self.tmp / name),
+            BRIDGE_DATA_DIR=str((root or self.tmp) / name),
             BRIDGE_REDIS_URL=f"redis://{LOOPBACK}:{self.redis.port}/{self._databases}",
             BRIDGE_POSTAL_PUBLIC_KEY=str(self.pem),
             BRIDGE_FSYNC="true" if fsync else "false",
             BRIDGE_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
             BRIDGE_LOG_LEVEL="INFO",
+            **(extra or {}),
         )
         bridge = Bridge(Settings.from_env(env))
         bridge.mailboxes.add(EMAIL, self.owner.ed25519_public, self.owner.x25519_public)
@@ -153,18 +163,25 @@ def measure_load(bench: Bench, run: Run) -> None:
             bench.log_dir,
             workers=config.web_workers,
         )
+    if config.experiment_workers:
+        # The experiment (one extra row): more sync workers may overlap more fsyncs. Same settings otherwise.
+        n = config.experiment_workers
+        targets[f"bare-w{n}"] = Gunicorn(f"bare-w{n}", "bench.bare:app", bench.bare_env(), bench.log_dir, workers=n)
+        targets[f"full-w{n}"] = Gunicorn(
+            f"full-w{n}", BRIDGE_APP, bench.env(f"load-fsync-w{n}", fsync=True), bench.log_dir, workers=n
+        )
     cursors = dict.fromkeys(targets, 0)
     try:
         for server in targets.values():
             server.start()
         for name in targets:
-            if name != "bare":
+            if not name.startswith("bare"):
                 cursors[name] = _probe(targets[name], bench.ensure_pool(1))
 
         fastest = [400.0]  # req/s of the fastest bridge run so far: sizes the pool before each run
 
         def once(name: str, seconds: float) -> dict[str, float]:
-            unique = name != "bare"
+            unique = not name.startswith("bare")
             # Enough unique deliveries for this run even at twice the fastest rate seen; building more
             # between runs (~1.5 ms each) keeps the pool small when the bridge is slow.
             pool = bench.ensure_pool(cursors[name] + int(fastest[0] * seconds * 2) + 300 if unique else 1)
@@ -205,7 +222,7 @@ def measure_load(bench: Bench, run: Run) -> None:
                 run.problems.append(
                     f"{name}: {int(result['non2xx'])} non-2xx answers, {_socket_errors(result)} socket errors"
                 )
-            if name != "bare" and result["wrapped"]:
+            if not name.startswith("bare") and result["wrapped"]:
                 run.notes.append(f"{name}: the pool wrapped in one run (some deliveries were duplicates)")
 
 
@@ -233,10 +250,22 @@ def measure_e2e(bench: Bench, run: Run) -> None:
     count = bench.config.e2e_count
     pool = bench.ensure_pool(count)
     env = bench.env("e2e", fsync=True)
-    address = bench.address(env)
+    folder_key = f"bridge:idx:{bench.address(env)}:other"
     connection = redis.Redis.from_url(env["BRIDGE_REDIS_URL"], socket_timeout=5)
-    folder_key = f"bridge:idx:{address}:other"
-    web = Gunicorn("e2e", BRIDGE_APP, env, bench.log_dir, workers=1)
+    try:
+        run.e2e = run_e2e(bench, "e2e", env, pool, count, lambda: int(connection.zcard(folder_key)))
+    finally:
+        connection.close()
+    run.problems.extend(e2e_problems("end to end", run.e2e))
+
+
+def run_e2e(
+    bench: Bench, name: str, env: dict[str, str], pool: Pool, count: int, filed: Callable[[], int]
+) -> dict[str, Any]:
+    """One gunicorn worker + one bridge worker; bench.drive posts ``count`` pool deliveries; ``filed()``
+    (how many are in folders so far) is polled every 20 ms until it reaches the accepted count."""
+    connection = redis.Redis.from_url(env["BRIDGE_REDIS_URL"], socket_timeout=5)
+    web = Gunicorn(name, BRIDGE_APP, env, bench.log_dir, workers=1)
     worker = BridgeWorker(env, bench.log_dir)
     driver: subprocess.Popen[str] | None = None
     try:
@@ -265,7 +294,7 @@ def measure_e2e(bench: Bench, run: Run) -> None:
         deadline = time.monotonic() + 300
         result: dict[str, Any] | None = None
         while time.monotonic() < deadline:
-            samples.append((time.time(), int(connection.zcard(folder_key))))
+            samples.append((time.time(), filed()))
             if result is None and driver.poll() is not None:
                 out = driver.stdout.read() if driver.stdout else ""
                 if driver.returncode != 0 or not out.strip():
@@ -283,9 +312,10 @@ def measure_e2e(bench: Bench, run: Run) -> None:
             driver.wait()
         worker.stop()
         web.stop()
+        connection.close()
     accepted = int(result["ok"])
     filed_at = next((t for t, n in samples if n >= accepted), None)
-    run.e2e = {
+    return {
         "count": count,
         "accepted": accepted,
         "non2xx": int(result["non2xx"]) + int(result["errors"]),
@@ -293,12 +323,17 @@ def measure_e2e(bench: Bench, run: Run) -> None:
         "filed": samples[-1][1] if samples else 0,
         "filed_seconds": (filed_at - result["start"]) if filed_at else None,
     }
-    if run.e2e["non2xx"]:
-        run.problems.append(f"end to end: {run.e2e['non2xx']} non-2xx answers or socket errors")
-    if accepted < count:
-        run.problems.append(f"end to end: only {accepted} of {count} deliveries accepted")
-    if filed_at is None:
-        run.problems.append(f"end to end: only {run.e2e['filed']} of {accepted} filed before the time limit")
+
+
+def e2e_problems(what: str, e2e: dict[str, Any]) -> list[str]:
+    problems = []
+    if e2e["non2xx"]:
+        problems.append(f"{what}: {e2e['non2xx']} non-2xx answers or socket errors")
+    if e2e["accepted"] < e2e["count"]:
+        problems.append(f"{what}: only {e2e['accepted']} of {e2e['count']} deliveries accepted")
+    if e2e["filed_seconds"] is None:
+        problems.append(f"{what}: only {e2e['filed']} of {e2e['accepted']} filed before the time limit")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,6 +411,19 @@ def measure_where(bench: Bench, run: Run) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# 5. screening in the filing job, and end to end with screening
+
+
+def measure_screening(bench: Bench, run: Run) -> None:
+    def e2e(name: str, env: dict[str, str], pool: Pool, count: int, filed: Callable[[], int]) -> dict[str, Any]:
+        return run_e2e(bench, name, env, pool, count, filed)
+
+    screening.measure_screening(bench, run, email=EMAIL, config=bench.config.screening, run_e2e=e2e)
+    if run.screening.get("e2e"):
+        run.problems.extend(e2e_problems("end to end with screening", run.screening["e2e"]))
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def machine_facts() -> dict[str, str]:
@@ -405,22 +453,39 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--e2e-count", type=int, default=2000, help="deliveries in the end-to-end run")
     parser.add_argument("--stage-runs", type=int, default=150, help="timed calls per stage")
     parser.add_argument("--no-nofsync", action="store_true", help="skip the BRIDGE_FSYNC=false target")
+    parser.add_argument(
+        "--experiment-workers", type=int, default=8, help="gunicorn workers of the extra full/bare pair (0: none)"
+    )
+    parser.add_argument("--known-messages", type=int, default=5000, help="screening: messages from known senders")
+    parser.add_argument("--new-senders", type=int, default=300, help="screening: first-time senders (one scrypt each)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers not comparable)")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
+    parser.add_argument(
+        "--only",
+        choices=SECTIONS,
+        action="append",
+        help="run only this section (repeatable; implies --no-write: a partial run is not a result)",
+    )
     args = parser.parse_args(argv)
     config = Config(
         seconds=args.seconds,
         repeats=args.repeats,
         warm_up=2.0,
         web_workers=4,
+        experiment_workers=args.experiment_workers,
         e2e_count=args.e2e_count,
         stage_runs=args.stage_runs,
         nofsync=not args.no_nofsync,
         write_results=not args.no_write,
+        screening=ScreeningConfig(known_messages=args.known_messages, new_senders=args.new_senders),
+        only=tuple(args.only or ()),
     )
+    if config.only:
+        config.write_results = False
     if args.quick:
         config.seconds, config.repeats, config.warm_up = 2.0, 1, 1.0
         config.e2e_count, config.stage_runs = 300, 20
+        config.screening = ScreeningConfig(known_messages=500, new_senders=20, profile_messages=200, scrypt_samples=3)
         config.write_results = False
     return config
 
@@ -439,11 +504,14 @@ def main(argv: list[str] | None = None) -> int:
         # The bridge logs one INFO line per delivery: keep them (that cost is real) but in a file.
         logging.basicConfig(filename=tmp / "logs" / "bench-process.log", level=logging.INFO)
         sections: list[tuple[str, Callable[[Bench, Run], None]]] = [
-            ("1/4 throughput and latency", measure_load),
-            ("2/4 end to end (accepted vs filed)", measure_e2e),
-            ("3/4 memory (one 25 MB message)", measure_memory),
-            ("4/4 where the time goes (in-process)", measure_where),
+            ("1/5 throughput and latency", measure_load),
+            ("2/5 end to end (accepted vs filed)", measure_e2e),
+            ("3/5 memory (one 25 MB message)", measure_memory),
+            ("4/5 where the time goes (in-process)", measure_where),
+            ("5/5 screening: the filing job in-process, then end to end", measure_screening),
         ]
+        if config.only:
+            sections = [(t, f) for (t, f), name in zip(sections, SECTIONS, strict=True) if name in config.only]
         try:
             bench.redis.start()
             print(f"bench: building signed deliveries in {tmp / 'pool'}", flush=True)

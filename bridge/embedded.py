@@ -138,7 +138,7 @@ def _wait(children: list[subprocess.Popen[bytes]]) -> int:
             for child in children:
                 if child.poll() is not None:
                     print(
-                        f"mailio-bridge: a child process exited ({child.args[0]!s}); stopping",
+                        f"mailio-bridge: a child process exited ({child.pid}); stopping",
                         file=sys.stderr,
                     )
                     return 1

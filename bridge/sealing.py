@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from joserfc import jwe
 from joserfc.errors import JoseError
@@ -57,7 +57,7 @@ def seal(plaintext: bytes, recipients: list[Recipient], aad: bytes | None = None
     # joserfc's recipients point back at the document: break the cycle so the ciphertext-sized
     # buffers it holds are freed now, not whenever the cyclic garbage collector runs.
     document.recipients.clear()
-    return sealed
+    return dict(sealed)
 
 
 def seal_to_json(plaintext: bytes, recipients: list[Recipient], aad: bytes | None = None) -> bytes:
@@ -87,6 +87,6 @@ def open_sealed(document: dict[str, Any], private_jwk: dict[str, Any]) -> bytes:
     """Decrypt a sealed body with the owner's X25519 private JWK (client side only)."""
     try:
         key = OKPKey.import_key(private_jwk)
-        return jwe.decrypt_json(document, key, registry=_reader_registry()).plaintext or b""
+        return jwe.decrypt_json(cast(Any, document), key, registry=_reader_registry()).plaintext or b""
     except (JoseError, ValueError, KeyError, TypeError) as exc:
         raise SealingError(f"cannot open sealed body: {exc.__class__.__name__}") from exc

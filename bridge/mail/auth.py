@@ -277,8 +277,8 @@ def _dmarc_policy(resolver: dns.resolver.Resolver, from_domain: str) -> tuple[st
         if org != from_domain:
             tags = _dmarc_tags(txt_records(resolver, f"_dmarc.{org}"))
             inherited = True
-    if not tags:
-        return None, False, False
+    if not isinstance(tags, dict) or not tags:
+        return None, False, False  # none, or several records: no policy
     policy = tags.get("p", "").lower()
     if inherited and tags.get("sp", "").lower() in _POLICIES:
         policy = tags["sp"].lower()

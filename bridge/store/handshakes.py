@@ -27,7 +27,7 @@ import redis
 from bridge.errors import RedisUnavailable
 from bridge.mailio.handshakes import Handshake, HandshakeError, newer, parse_signed_handshake
 from bridge.mailio.identity import email_lookup_hash
-from bridge.store.index import PREFIX, REDIS_ERRORS
+from bridge.store.index import PREFIX, REDIS_ERRORS, as_text
 from bridge.store.objects import ObjectStore
 
 CREATED, REPLACED, UNCHANGED = "created", "replaced", "unchanged"
@@ -88,7 +88,7 @@ class HandshakeStore:
                 values = self._redis.hmget(cache, ids)
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
-        return {i: v.decode() for i, v in zip(ids, values, strict=True) if v is not None}
+        return {i: as_text(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
     def reload(self, owner_address: str) -> int:
         """Rebuild one owner's status cache from the object store."""
@@ -158,7 +158,7 @@ class HandshakeOffers:
             owner = self._redis.getdel(f"{PREFIX}offer:{nonce}")
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
-        return owner.decode() if owner else None
+        return as_text(owner) if owner else None
 
 
 class SenderHashes:
@@ -197,7 +197,7 @@ class SenderHashes:
         missing: dict[str, str] = {}
         for email, key, value in zip(unique, keys, cached, strict=True):
             if value is not None:
-                result[email] = value.decode()
+                result[email] = as_text(value)
             else:
                 result[email] = missing[key] = email_lookup_hash(email)
                 self.computed += 1

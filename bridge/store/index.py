@@ -35,6 +35,11 @@ REDIS_ERRORS = (
 )
 
 
+def as_text(value: Any) -> str:
+    """redis-py answers bytes (we never set decode_responses); its types say bytes or str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _folder_key(address: str, folder: str) -> str:
     return f"{PREFIX}idx:{address}:{folder}"
 
@@ -80,7 +85,7 @@ class MailIndex:
             raise RedisUnavailable("redis unavailable") from exc
         pairs = []
         for member in members:
-            address, _, msg_id = member.decode().partition("/")
+            address, _, msg_id = as_text(member).partition("/")
             pairs.append((address, msg_id))
         return pairs
 
@@ -149,11 +154,11 @@ class MailIndex:
                 withscores=True,
             )
             page, more = rows[:limit], len(rows) > limit
-            raw = self._redis.hmget(_records_key(address), [m for m, _ in page]) if page else []
+            raw = self._redis.hmget(_records_key(address), [row[0] for row in page]) if page else []
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
         records = [json.loads(r) for r in raw if r is not None]
-        cursor = page[-1][1] if more and page else None
+        cursor = float(page[-1][1]) if more and page else None
         return records, cursor
 
     def record(self, address: str, msg_id: str) -> dict[str, Any] | None:
