@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from typing import Any, overload
 
 from bridge.context import Bridge
+from bridge.errors import RedisUnavailable
 from bridge.mail.auth import check_dkim
 from bridge.mail.headers import sender_facts
 from bridge.postal.payloads import InboundMessage
 from bridge.sealing import seal
+from bridge.store.index import REDIS_ERRORS
 from bridge.store.messages import STATUS_RECEIVED, message_id
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,15 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
 
 def enqueue_filing(bridge: Bridge) -> None:
     """Queue the batch filing job (the job ids nothing: it drains the index's unfiled set)."""
-    bridge.queue.enqueue("bridge.jobs.inbound.file_unfiled", job_timeout=600, result_ttl=60, failure_ttl=7 * 86400)
+    enqueue(bridge, "bridge.jobs.inbound.file_unfiled")
+
+
+def enqueue(bridge: Bridge, function: str, *ids: str) -> None:
+    """Queue a job by name with ids only (the dashboard shows arguments: never anything secret)."""
+    try:
+        bridge.queue.enqueue(function, *ids, job_timeout=600, result_ttl=60, failure_ttl=7 * 86400)
+    except REDIS_ERRORS as exc:
+        raise RedisUnavailable("redis unavailable") from exc
 
 
 class _LazyChunks(Sequence[bytes]):

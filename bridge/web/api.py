@@ -29,6 +29,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from bridge.context import Bridge
+from bridge.inbound import enqueue
 from bridge.mailio.handshakes import HandshakeError, parse_signed_handshake
 from bridge.store.handshakes import CREATED, UNCHANGED, StaleHandshake
 from bridge.store.mailboxes import Mailbox
@@ -105,7 +106,7 @@ def get_message(bridge: Bridge, mailbox: Mailbox, msg_id: str) -> Response:
         return error("no such message", 404)
     # The sealed body is stored as compact JSON already: splice it in rather than re-encoding it.
     head = json.dumps(_public(record), separators=(",", ":"))
-    return Response(head[:-1].encode() + b',"body":' + body + b"}", mimetype="application/json")
+    return Response([head[:-1].encode(), b',"body":', body, b"}"], mimetype="application/json")
 
 
 # --- moving mail between folders ------------------------------------------------------------------
@@ -160,9 +161,7 @@ def put_handshake(bridge: Bridge, mailbox: Mailbox) -> Response:
     except StaleHandshake as exc:
         return error(str(exc), 403)
     if result != UNCHANGED:
-        bridge.queue.enqueue(
-            "bridge.jobs.inbound.rescreen_mailbox", mailbox.address, handshake.handshake_id, job_timeout=600
-        )
+        enqueue(bridge, "bridge.jobs.inbound.rescreen_mailbox", mailbox.address, handshake.handshake_id)
     response = jsonify({"result": result, "handshake": handshake.to_document()})
     response.status_code = 201 if result == CREATED else 200
     return response
