@@ -6,6 +6,9 @@
    until the last 2xx (accepted) and until all N are listed in the folder index (filed).
 3. Memory: one 25 MB message to a gunicorn with one sync worker; that worker's peak RSS growth.
 4. Where the time goes: each stage of the request path, timed in-process.
+5. Screening (bench/screening.py): the filing job in-process against a Knot DNS server, known vs
+   first-time senders (scrypt runs counted), then end to end with screening on.
+Plus one experiment in section 1: the full bridge (fsync on) and bare under ``--workers 8``.
 
 Prints a table and writes it to bench/RESULTS.md. A benchmark, not a test: no timing is asserted;
 it exits non-zero only when something broke (a server did not start, a non-2xx answer, socket errors).

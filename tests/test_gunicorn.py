@@ -41,19 +41,20 @@ def gunicorn(environment: dict[str, str], tmp_path: Path) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    else:
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        else:
+            pytest.fail(f"gunicorn did not start:\n{(tmp_path / 'gunicorn.log').read_text()[-2000:]}")
+        yield url
+    finally:
         stop_process(proc)
-        pytest.fail(f"gunicorn did not start:\n{(tmp_path / 'gunicorn.log').read_text()[-2000:]}")
-    yield url
-    stop_process(proc)
-    log.close()
+        log.close()
 
 
 def test_postal_to_gunicorn_to_worker_to_owner(gunicorn, environment, postal_signer):
