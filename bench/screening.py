@@ -36,6 +36,7 @@ import cProfile
 import json
 import multiprocessing
 import pstats
+import re
 import secrets
 import statistics
 import subprocess
@@ -494,11 +495,7 @@ def profile_drain(bridge: Bridge, top: int = 12) -> dict[str, Any]:
 def _where(filename: str, line: int, name: str) -> str:
     if filename == "~":
         return name  # a built-in, e.g. <method 'execute' ...>
-    path = filename
-    for marker in ("/site-packages/", str(procs.ROOT) + "/", "/lib/python3"):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-            break
+    path = re.sub(r"^.*/lib/python3\.\d+/(site-packages/)?", "", filename).removeprefix(f"{procs.ROOT}/")
     return f"{path}:{line}({name})"
 
 

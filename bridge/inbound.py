@@ -87,7 +87,7 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
     sealed = seal(message.message, [mailbox.recipient(bridge.settings.domain)], aad)
     created = bridge.messages.create_body(mailbox.address, msg_id, sealed_chunks(sealed))
     del sealed
-    if bridge.index.note_received(mailbox.address, msg_id, received_at):
+    if bridge.index.note_received(mailbox.address, msg_id, received_at, aad):
         enqueue_filing(bridge)
     log.info("postal delivery %s: postal id %s -> %s", STORED if created else DUPLICATE, message.postal_id, msg_id)
     return Outcome(STORED if created else DUPLICATE, msg_id)

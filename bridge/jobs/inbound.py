@@ -39,8 +39,9 @@ def file_unfiled() -> int:
                 continue
             return total
         records, gone = [], []
-        for address, msg_id in batch:
-            record = bridge.messages.get_record(address, msg_id)
+        for (address, msg_id), indexed in zip(batch, bridge.index.records(batch), strict=True):
+            # The index's copy is enough to screen; the object store is read only when Redis lacks it.
+            record = indexed if indexed is not None else bridge.messages.get_record(address, msg_id)
             if record is None:
                 gone.append((address, msg_id))
             else:

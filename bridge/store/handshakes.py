@@ -16,11 +16,13 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import string
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
@@ -193,14 +195,15 @@ class SenderHashes:
             cached = self._redis.mget(keys)
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
-        result: dict[str, str] = {}
+        result = {email: as_text(value) for email, value in zip(unique, cached, strict=True) if value is not None}
+        new = [(email, key) for email, key, value in zip(unique, keys, cached, strict=True) if value is None]
+        # scrypt releases the GIL: new senders hash in parallel, one per core (32 MiB each).
+        with ThreadPoolExecutor(max_workers=min(len(new), os.cpu_count() or 1) or 1) as pool:
+            hashes = list(pool.map(email_lookup_hash, [email for email, _ in new]))
         missing: dict[str, str] = {}
-        for email, key, value in zip(unique, keys, cached, strict=True):
-            if value is not None:
-                result[email] = as_text(value)
-            else:
-                result[email] = missing[key] = email_lookup_hash(email)
-                self.computed += 1
+        for (email, key), value in zip(new, hashes, strict=True):
+            result[email] = missing[key] = value
+        self.computed += len(new)
         if missing:
             try:
                 pipe = self._redis.pipeline(transaction=False)

@@ -60,16 +60,20 @@ class MailIndex:
 
     # --- the inbound request path ----------------------------------------------------------
 
-    def note_received(self, address: str, msg_id: str, received_at: float) -> bool:
+    def note_received(self, address: str, msg_id: str, received_at: float, record: bytes | None = None) -> bool:
         """Queue a stored message for filing, in one round trip.
 
+        ``record``, the initial record as stored, is kept beside the index so the filing job reads
+        a whole batch from Redis instead of one object per message (the store stays the truth).
         Returns True when no filing job is queued yet, so the caller must enqueue one.
         """
         try:
             pipe = self._redis.pipeline(transaction=False)
+            if record is not None:
+                pipe.hsetnx(_records_key(address), msg_id, record)
             pipe.zadd(UNFILED, {f"{address}/{msg_id}": received_at}, nx=True)
             pipe.set(DRAIN_FLAG, "1", nx=True, ex=DRAIN_FLAG_SECONDS)
-            _, flag_was_set = pipe.execute()
+            flag_was_set = pipe.execute()[-1]
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
         return bool(flag_was_set)
@@ -160,6 +164,17 @@ class MailIndex:
         records = [json.loads(r) for r in raw if r is not None]
         cursor = float(page[-1][1]) if more and page else None
         return records, cursor
+
+    def records(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
+        """The indexed records of (address, id) pairs, in order, in one round trip (None if absent)."""
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for address, msg_id in pairs:
+                pipe.hget(_records_key(address), msg_id)
+            raw = pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return [json.loads(r) if r else None for r in raw]
 
     def record(self, address: str, msg_id: str) -> dict[str, Any] | None:
         try:
