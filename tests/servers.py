@@ -25,7 +25,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -454,15 +454,22 @@ rgw data = {c}/rgw
 # --------------------------------------------------------------------------------------------------
 # pytest fixtures
 
+_Server = TypeVar("_Server", RedisServer, MotoS3Server, CephRGW)
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One private Redis for the session; tests may stop()/start() it (it comes back empty)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+
+def _started(server: _Server) -> _Server:
+    """Start a server or fail the test with its log, not a traceback."""
     try:
         server.start()
     except ServerStartError as exc:
         pytest.fail(str(exc), pytrace=False)
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private Redis for the session; tests may stop()/start() it (it comes back empty)."""
+    server = _started(RedisServer(tmp_path_factory.mktemp("redis")))
     yield server
     server.stop()
 
@@ -471,21 +478,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def redis_url(redis_server: RedisServer) -> str:
     """The session Redis, running and empty at the start of the test."""
     if not redis_server.running:
-        try:
-            redis_server.start()
-        except ServerStartError as exc:
-            pytest.fail(str(exc), pytrace=False)
+        _started(redis_server)
     redis_server.flushall()
     return redis_server.url
 
 
 @pytest.fixture(scope="session")
 def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3Server]:
-    server = MotoS3Server(tmp_path_factory.mktemp("moto"))
-    try:
-        server.start()
-    except ServerStartError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    server = _started(MotoS3Server(tmp_path_factory.mktemp("moto")))
     yield server
     server.stop()
 
@@ -513,11 +513,7 @@ def ceph_rgw() -> Iterator[CephRGW]:
         pytest.skip(f"{CEPH_MISSING_REASON} (missing: {', '.join(missing)})")
     # A short path: Ceph's admin sockets are Unix sockets, whose paths may not exceed 107 bytes.
     directory = Path(tempfile.mkdtemp(prefix="ceph-"))
-    server = CephRGW(directory)
-    try:
-        server.start()
-    except ServerStartError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    server = _started(CephRGW(directory))
     yield server
     server.stop()
     shutil.rmtree(directory, ignore_errors=True)
