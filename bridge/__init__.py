@@ -31,11 +31,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     configure_logging(settings)
     bridge = Bridge(settings)
     _ = bridge.redis_url  # fail at start-up, not on the first request, when Redis is not configured
+    from bridge.web import api, ops, postal
+    from bridge.web.postal import request_limit
+
     app = Flask(__name__)
     app.config["MAX_FORM_MEMORY_SIZE"] = None
+    # Bounds bodies sent without a Content-Length too (chunked); the Postal view checks earlier.
+    app.config["MAX_CONTENT_LENGTH"] = request_limit(settings.max_message_bytes)
     app.extensions["bridge"] = bridge
-
-    from bridge.web import api, ops, postal
 
     app.register_blueprint(postal.blueprint)
     app.register_blueprint(api.blueprint)

@@ -109,3 +109,18 @@ def test_gunicorn_refuses_an_oversize_delivery_before_reading_it(gunicorn, envir
             b"Content-Length: 999999999999\r\n\r\n"
         )
         assert conn.recv(4096).startswith(b"HTTP/1.1 413")
+
+
+def test_gunicorn_refuses_an_oversize_chunked_delivery(gunicorn, environment, postal_signer):
+    # No Content-Length to judge by: the bridge stops reading at its limit (BRIDGE_MAX_MESSAGE_BYTES
+    # is 25 MiB by default; the request limit is 1.5x that plus 1 MiB).
+    chunk = b"x" * (1 << 20)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(45):
+            yield chunk
+
+    response = requests.post(
+        f"{gunicorn}/postal/inbound", data=body(), timeout=60, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413

@@ -49,9 +49,7 @@ def payload_for(
     token: str = "p1ZqkR7vW3sYb9Lm",
 ) -> dict:
     if fmt == "RawMessage":
-        return raw_payload(
-            postal_id=postal_id, rcpt_to=rcpt, mail_from="jane@example.org", message=message, spam=spam
-        )
+        return raw_payload(postal_id=postal_id, rcpt_to=rcpt, mail_from="jane@example.org", message=message, spam=spam)
     return hash_payload(
         postal_id=postal_id,
         token=token,
@@ -138,9 +136,7 @@ def test_a_retried_delivery_is_stored_once(live_url, client, bridge, owner, post
     assert len(stored_keys(settings)) == 2  # one sealed body, one record
 
 
-def test_concurrent_copies_of_one_delivery_store_one_message(
-    live_url, client, bridge, owner, postal_signer, settings
-):
+def test_concurrent_copies_of_one_delivery_store_one_message(live_url, client, bridge, owner, postal_signer, settings):
     postal = PostalSimulator(f"{live_url}/postal/inbound", postal_signer)
     payload = payload_for("RawMessage")
     statuses: list[str] = []
@@ -227,15 +223,11 @@ def test_redis_down_answers_503_and_the_retry_stores_exactly_once(
     assert len(stored_keys(settings)) == 2
 
 
-def test_storage_down_answers_503_then_the_retry_is_stored(
-    tmp_path, redis_url, postal_signer, s3_bucket, monkeypatch
-):
+def test_storage_down_answers_503_then_the_retry_is_stored(tmp_path, redis_url, postal_signer, s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_bucket["access_key"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_bucket["secret_key"])
     monkeypatch.setenv("AWS_DEFAULT_REGION", s3_bucket["region"])
-    env = bridge_environment(
-        tmp_path, redis_url, postal_signer, BRIDGE_STORAGE_URL=f"s3://{s3_bucket['bucket']}/mx"
-    )
+    env = bridge_environment(tmp_path, redis_url, postal_signer, BRIDGE_STORAGE_URL=f"s3://{s3_bucket['bucket']}/mx")
     # first an endpoint where nothing listens: the object store is down
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -276,9 +268,7 @@ def signed_post(client, signer: PostalSigner, body: bytes, content_type: str = "
     return client.post("/postal/inbound", data=body, headers=headers)
 
 
-def test_unsigned_wrongly_signed_or_tampered_is_401_and_nothing_stored(
-    client, owner, postal_signer, settings
-):
+def test_unsigned_wrongly_signed_or_tampered_is_401_and_nothing_stored(client, owner, postal_signer, settings):
     body = ruby_json(payload_for("RawMessage"))
     assert client.post("/postal/inbound", data=body, content_type="application/json").status_code == 401
     assert signed_post(client, PostalSigner(), body).status_code == 401  # someone else's key
@@ -340,9 +330,7 @@ def test_decoded_message_over_the_limit_is_413(tmp_path, redis_url, postal_signe
 @pytest.mark.parametrize(
     ("mode", "status", "outcome"), [("bounce", 404, "hard_fail_bounce"), ("drop", 429, "hard_fail_no_bounce")]
 )
-def test_unknown_mailbox_is_bounced_or_dropped_as_configured(
-    tmp_path, redis_url, postal_signer, mode, status, outcome
-):
+def test_unknown_mailbox_is_bounced_or_dropped_as_configured(tmp_path, redis_url, postal_signer, mode, status, outcome):
     env = bridge_environment(tmp_path, redis_url, postal_signer, BRIDGE_UNKNOWN_RECIPIENT=mode)
     app = create_app(Settings.from_env(env))
     body = ruby_json(payload_for("RawMessage", rcpt=f"nobody@{DOMAIN}"))
@@ -355,9 +343,7 @@ def test_no_signing_key_configured_is_503_so_postal_retries(tmp_path, redis_url,
     env = bridge_environment(tmp_path, redis_url, postal_signer, BRIDGE_POSTAL_PUBLIC_KEY="")
     env.pop("BRIDGE_POSTAL_PUBLIC_KEY")
     app = create_app(Settings.from_env(env))
-    assert (
-        signed_post(app.test_client(), postal_signer, ruby_json(payload_for("RawMessage"))).status_code == 503
-    )
+    assert signed_post(app.test_client(), postal_signer, ruby_json(payload_for("RawMessage"))).status_code == 503
 
 
 def test_jwks_unreachable_fails_closed_with_503(tmp_path, redis_url, postal_signer):
@@ -367,9 +353,7 @@ def test_jwks_unreachable_fails_closed_with_503(tmp_path, redis_url, postal_sign
     env = bridge_environment(tmp_path, redis_url, postal_signer, BRIDGE_POSTAL_URL=f"http://127.0.0.1:{dead}")
     env.pop("BRIDGE_POSTAL_PUBLIC_KEY")
     app = create_app(Settings.from_env(env))
-    assert (
-        signed_post(app.test_client(), postal_signer, ruby_json(payload_for("RawMessage"))).status_code == 503
-    )
+    assert signed_post(app.test_client(), postal_signer, ruby_json(payload_for("RawMessage"))).status_code == 503
 
 
 # --- mailbox resolution ----------------------------------------------------------------------
@@ -397,10 +381,7 @@ def test_a_mailbox_sees_only_its_own_mail(live_url, client, bridge, owner, posta
     assert listing(client, other, "other") == []
     assert client.get(f"/api/v1/messages/{record['id']}", headers=other.auth).status_code == 404
     assert client.get("/api/v1/messages?folder=other").status_code == 401
-    assert (
-        client.get("/api/v1/messages?folder=other", headers={"Authorization": "Bearer nope"}).status_code
-        == 401
-    )
+    assert client.get("/api/v1/messages?folder=other", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.get("/api/v1/messages?folder=nope", headers=owner.auth).status_code == 400
     assert client.get("/api/v1/messages/../../etc", headers=owner.auth).status_code == 404
 
@@ -457,8 +438,9 @@ def test_a_redis_error_is_503_never_500(client, owner, postal_signer, redis_url)
     assert response.get_data(as_text=True) == "storage unavailable, retry later\n"
 
 
-def test_the_delivery_facts_are_sealed_with_the_body_and_tamper_evident(live_url, client, bridge, owner, postal_signer,
-                                                                         settings):
+def test_the_delivery_facts_are_sealed_with_the_body_and_tamper_evident(
+    live_url, client, bridge, owner, postal_signer, settings
+):
     PostalSimulator(f"{live_url}/postal/inbound", postal_signer).post(payload_for("RawMessage"))
     root = Path(settings.storage_url.removeprefix("file://"))
     [body_file] = list(root.rglob("*.jwe"))
@@ -474,3 +456,8 @@ def test_the_delivery_facts_are_sealed_with_the_body_and_tamper_evident(live_url
         open_sealed(document, owner.private_jwk)
     run_worker(bridge)
     assert len(list(root.rglob("mail/**/*.json"))) == 1  # the worker wrote the filed record
+
+
+def test_a_nonsense_cursor_is_400_not_a_redis_error(client, owner):
+    for cursor in ("nan", "inf", "x"):
+        assert client.get(f"/api/v1/messages?folder=other&before={cursor}", headers=owner.auth).status_code == 400

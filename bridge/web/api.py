@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,8 @@ def list_messages(bridge: Bridge, mailbox: Mailbox) -> Response:
         before = float(request.args["before"]) if "before" in request.args else None
     except ValueError:
         return error("limit must be a whole number and before a cursor from a previous page", 400)
+    if before is not None and not math.isfinite(before):
+        return error("before must be a cursor from a previous page", 400)
     if not 1 <= limit <= MAX_PAGE:
         return error(f"limit must be between 1 and {MAX_PAGE}", 400)
     records, cursor = bridge.index.listing(mailbox.address, folder, limit=limit, before=before)
