@@ -1,8 +1,9 @@
 """The operator's and the owner's command line: ``python -m bridge <verb>``.
 
-Server side (reads the bridge's settings): ``mailbox add|list|alias|token``, ``rebuild-index``,
-``rescreen``, ``worker``, ``run``. Client side (talks to the API over HTTP, holds the owner's key,
-which never leaves that machine): ``mail list``, ``mail read``, ``handshake approve|revoke|list``.
+Server side (reads the bridge's settings): ``mailbox add|list|alias|token``, ``postal-keys``,
+``rebuild-index``, ``rescreen``, ``worker``, ``run``. Client side (talks to the API over HTTP, holds
+the owner's key, which never leaves that machine): ``mail list|read|move``,
+``handshake approve|revoke|list``.
 Errors print one line to stderr and exit 1 or 2, never a traceback.
 """
 
@@ -60,18 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
     mail = verbs.add_parser("mail", help="client side: list and read your mail").add_subparsers(
         dest="action", required=True
     )
-    for name, helptext in (("list", "list a folder"), ("read", "fetch and decrypt one message to stdout")):
+    for name, helptext in (
+        ("list", "list a folder"),
+        ("read", "fetch and decrypt one message to stdout"),
+        ("move", "move one message to another folder"),
+    ):
         sub = mail.add_parser(name, help=helptext)
         sub.add_argument("--url", default=os.environ.get("BRIDGE_API_URL", "http://127.0.0.1:8080"))
         sub.add_argument("--token", default=os.environ.get("BRIDGE_API_TOKEN"), help="or BRIDGE_API_TOKEN")
         if name == "list":
             sub.add_argument("--folder", default="inbox")
             sub.set_defaults(func=cmd_mail_list)
-        else:
+        elif name == "read":
             sub.add_argument("id")
             sub.add_argument("--key", required=True, help="your key file (from `mailbox add`)")
             sub.set_defaults(func=cmd_mail_read)
+        else:
+            sub.add_argument("id")
+            sub.add_argument("folder")
+            sub.set_defaults(func=cmd_mail_move)
 
+    verbs.add_parser(
+        "postal-keys", help="list the Postal signing keys the bridge trusts, with their KIDs (compare with Postal's)"
+    ).set_defaults(func=cmd_postal_keys)
     verbs.add_parser("rebuild-index", help="restore Redis indexes from the object store").set_defaults(
         func=cmd_rebuild_index
     )
@@ -258,6 +270,12 @@ def cmd_mail_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mail_move(args: argparse.Namespace) -> int:
+    record = _api("POST", args.url, args.token, f"/api/v1/messages/{args.id}/move", {"folder": args.folder})
+    print(json.dumps({"id": record["id"], "folder": record["folder"]}))
+    return 0
+
+
 def cmd_mail_read(args: argparse.Namespace) -> int:
     from bridge.mailio.identity import UserKeys
     from bridge.sealing import SealingError, open_sealed
@@ -278,6 +296,12 @@ def cmd_mail_read(args: argparse.Namespace) -> int:
 
 
 # --- operations ------------------------------------------------------------------------------
+
+
+def cmd_postal_keys(args: argparse.Namespace) -> int:
+    for key in _bridge().postal_keys.describe():
+        print(json.dumps(key))
+    return 0
 
 
 def cmd_rebuild_index(args: argparse.Namespace) -> int:

@@ -80,9 +80,7 @@ def test_owner_flow_through_the_cli(environment, live_url, bridge, postal_signer
     assert read.returncode == 0, read.stderr
     assert read.stdout == base64.b64decode(payload["message"])
 
-    wrong = cli(
-        environment, "mail", "read", msg_id, "--key", str(key_file), "--url", live_url, "--token", "nope"
-    )
+    wrong = cli(environment, "mail", "read", msg_id, "--key", str(key_file), "--url", live_url, "--token", "nope")
     assert wrong.returncode == 1 and "401" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
@@ -125,3 +123,14 @@ def test_a_bad_setting_stops_start_up_with_one_line(environment):
     )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("mailio-bridge: BRIDGE_DOMAIN is required")
+
+
+def test_postal_keys_lists_the_kids_the_operator_compares_with_postal(environment, postal_signer):
+    listed = cli(environment, "postal-keys")
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line) for line in listed.stdout.splitlines()] == [
+        {"source": "BRIDGE_POSTAL_PUBLIC_KEY", "kid": postal_signer.kid}
+    ]
+    unreachable = cli({**environment, "BRIDGE_POSTAL_URL": "http://127.0.0.1:9"}, "postal-keys")
+    assert json.loads(unreachable.stdout.splitlines()[-1])["source"] == "jwks"
+    assert "error" in json.loads(unreachable.stdout.splitlines()[-1])

@@ -293,6 +293,17 @@ class PostalKeyring:
         """KIDs of every key currently known (configured and fetched); for health pages and logs."""
         return sorted({*self._static, *self._jwks})
 
+    def describe(self) -> list[dict[str, str]]:
+        """Where each key comes from and its KID, fetching the JWKS now (the operator's check)."""
+        keys = [{"source": "BRIDGE_POSTAL_PUBLIC_KEY", "kid": kid} for kid in sorted(self._static)]
+        if self._jwks_url:
+            try:
+                fetched = self._fetch()
+            except KeysUnavailable as exc:
+                return [*keys, {"source": "jwks", "error": str(exc)}]
+            keys += [{"source": "jwks", "kid": kid} for kid in sorted(fetched)]
+        return keys
+
     def verify(self, body: bytes | bytearray, headers: Mapping[str, str] | Any) -> str:
         """Return the KID of the key whose signature matches the exact raw body.
 
