@@ -5,7 +5,7 @@ PIDs this module started (terminate, wait, kill) — never by name. The servers 
 ``start()``/``stop()`` so bench scripts can use them too; the pytest fixtures below are thin wrappers
 (``conftest.py`` loads them with ``pytest_plugins = ["tests.servers"]``).
 
-Nothing here may fake a server: no fakeredis, no mocked boto3. Nothing here reads /work/shared.
+Every server here is the real one, never an in-process stand-in. Nothing here reads the shared folder beside the project.
 """
 
 from __future__ import annotations

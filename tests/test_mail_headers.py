@@ -9,7 +9,7 @@ import pytest
 
 from bridge.mail.headers import MAX_HEADER_BYTES, SenderFacts, sender_facts
 
-# The header block of /work/shared/fixtures/postal/inbound_raw.json (decoded `message`), copied so the suite does
+# The header block of the shared fixture postal/inbound_raw.json (decoded `message`), copied so the suite does
 # not need the shared fixtures: Postal's prepended lines, then the sender's own headers.
 POSTAL_MESSAGE = (
     b"X-Postal-Spam: no\r\n"
