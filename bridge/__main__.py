@@ -61,25 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     mail = verbs.add_parser("mail", help="client side: list and read your mail").add_subparsers(
         dest="action", required=True
     )
-    for name, helptext in (
-        ("list", "list a folder"),
-        ("read", "fetch and decrypt one message to stdout"),
-        ("move", "move one message to another folder"),
-    ):
-        sub = mail.add_parser(name, help=helptext)
-        sub.add_argument("--url", default=os.environ.get("BRIDGE_API_URL", "http://127.0.0.1:8080"))
-        sub.add_argument("--token", default=os.environ.get("BRIDGE_API_TOKEN"), help="or BRIDGE_API_TOKEN")
-        if name == "list":
-            sub.add_argument("--folder", default="inbox")
-            sub.set_defaults(func=cmd_mail_list)
-        elif name == "read":
-            sub.add_argument("id")
-            sub.add_argument("--key", required=True, help="your key file (from `mailbox add`)")
-            sub.set_defaults(func=cmd_mail_read)
-        else:
-            sub.add_argument("id")
-            sub.add_argument("folder")
-            sub.set_defaults(func=cmd_mail_move)
+    listing = _client(mail, "list", "list a folder", cmd_mail_list)
+    listing.add_argument("--folder", default="inbox")
+    reading = _client(mail, "read", "fetch and decrypt one message to stdout", cmd_mail_read)
+    reading.add_argument("id")
+    reading.add_argument("--key", required=True, help="your key file (from `mailbox add`)")
+    moving = _client(mail, "move", "move one message to another folder", cmd_mail_move)
+    moving.add_argument("id")
+    moving.add_argument("folder")
 
     verbs.add_parser(
         "postal-keys", help="list the Postal signing keys the bridge trusts, with their KIDs (compare with Postal's)"
@@ -97,15 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (
         ("approve", "sign an 'accepted' handshake for SENDER on this machine and upload it"),
         ("revoke", "sign a 'revoked' handshake for SENDER and upload it"),
-        ("list", "list your handshakes"),
     ):
-        sub = handshake.add_parser(name, help=helptext)
-        if name != "list":
-            sub.add_argument("sender", help="an e-mail address, or a Mailio sender's did:web:HOST#0x...")
-            sub.add_argument("--key", required=True, help="your key file (from `mailbox add`)")
-        sub.add_argument("--url", default=os.environ.get("BRIDGE_API_URL", "http://127.0.0.1:8080"))
-        sub.add_argument("--token", default=os.environ.get("BRIDGE_API_TOKEN"), help="or BRIDGE_API_TOKEN")
-        sub.set_defaults(func=cmd_handshake_list if name == "list" else cmd_handshake_sign, status=name)
+        signing = _client(handshake, name, helptext, cmd_handshake_sign)
+        signing.set_defaults(status=name)
+        signing.add_argument("sender", help="an e-mail address, or a Mailio sender's did:web:HOST#0x...")
+        signing.add_argument("--key", required=True, help="your key file (from `mailbox add`)")
+    _client(handshake, "list", "list your handshakes", cmd_handshake_list)
     worker = verbs.add_parser("worker", help="run the RQ worker for every bridge queue, with its scheduler")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     worker.set_defaults(func=cmd_worker)
@@ -113,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_run
     )
     return parser
+
+
+def _client(parent: Any, name: str, helptext: str, func: Any) -> argparse.ArgumentParser:
+    """A client-side command: it talks to the owner API at --url with --token."""
+    sub: argparse.ArgumentParser = parent.add_parser(name, help=helptext)
+    sub.add_argument("--url", default=os.environ.get("BRIDGE_API_URL", "http://127.0.0.1:8080"))
+    sub.add_argument("--token", default=os.environ.get("BRIDGE_API_TOKEN"), help="or BRIDGE_API_TOKEN")
+    sub.set_defaults(func=func)
+    return sub
 
 
 # --- mailboxes -------------------------------------------------------------------------------
