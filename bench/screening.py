@@ -39,7 +39,6 @@ import pstats
 import re
 import secrets
 import statistics
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -69,9 +68,8 @@ from bridge.mailio.identity import email_lookup_hash
 from bridge.postal.payloads import parse_inbound
 from bridge.settings import Settings
 from bridge.store.objects import FileObjectStore
-from tests.dns_server import ZONES, KnotDNS, _config, _find_knotd, _free_port, _wait_until_answering, _zone_file
+from tests.dns_server import KnotDNS, KnotServer
 from tests.postal_sim import raw_payload
-from tests.servers import stop_process
 from tests.test_mail_auth import Signer
 
 if TYPE_CHECKING:
@@ -139,52 +137,6 @@ def _signed_message(address: str, signer: Signer) -> bytes:
         raw, signer.selector.encode(), signer.domain.encode(), signer.private_pem, include_headers=_SIGNED
     )
     return header + raw
-
-
-class KnotServer:
-    """knotd serving tests/dns_server.py's zones from a directory of ours, on a free loopback port.
-
-    Configuration, zone files and readiness check are tests/dns_server.py's (the session fixture's);
-    this only owns the process, so that the benchmark can start and stop it outside pytest.
-    """
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.server: KnotDNS | None = None
-
-    def start(self) -> KnotDNS:
-        knotd = _find_knotd()
-        if knotd is None:
-            raise BenchError("knotd is not installed (make bench installs it: apt-get install knot)")
-        for sub in ("run", "db", "zones"):
-            (self.workdir / sub).mkdir(parents=True)
-        for zone in ZONES:
-            (self.workdir / "zones" / f"{zone}.zone").write_text(_zone_file(zone))
-        port = _free_port()
-        config = self.workdir / "knot.conf"
-        config.write_text(_config(self.workdir, port))
-        log_path = self.workdir / "knotd.log"
-        with log_path.open("wb") as log:
-            self._proc = subprocess.Popen(
-                [knotd, "-c", str(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        server = KnotDNS(host="127.0.0.1", port=port, zones=ZONES)
-        try:
-            _wait_until_answering(server, self._proc, log_path)
-        except RuntimeError as exc:
-            self.stop()
-            raise BenchError(str(exc)) from None
-        self.server = server
-        return server
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def stop(self) -> None:
-        stop_process(self._proc, timeout=10)
-        self._proc = None
 
 
 @dataclass
@@ -280,7 +232,10 @@ def _store_standing(lab: Lab, bridge: Bridge, sender: Sender) -> None:
 
 def setup_lab(bench: Bench, config: ScreeningConfig, root: Path, email: str) -> Lab:
     knot = KnotServer(root / "knot")
-    dns_server = knot.start()
+    try:
+        dns_server = knot.start()
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
     try:
         env = bench.env("screening", fsync=False, root=root, extra={"BRIDGE_DNS_NAMESERVERS": dns_server.nameserver})
         lab = Lab(bench, config, root, knot, dns_server, env, Settings.from_env(env), email, bench.address(env))

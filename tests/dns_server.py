@@ -183,31 +183,72 @@ def _wait_until_answering(server: KnotDNS, process: subprocess.Popen[bytes], log
     raise RuntimeError(f"knotd did not answer within 10 s: {log_path.read_text()[-2000:]}")
 
 
+class KnotServer:
+    """knotd serving ``ZONES`` from a directory of ours on a free loopback port; start() and stop() by PID.
+
+    The pytest fixture below and the benchmarks (bench/screening.py) both run Knot through this class.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def installed() -> bool:
+        return _find_knotd() is not None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> KnotDNS:
+        """Start knotd and wait until it answers; RuntimeError (with its log) if it does not."""
+        knotd = _find_knotd()
+        if knotd is None:
+            raise RuntimeError("knotd is not installed (apt-get install knot)")
+        for sub in ("run", "db", "zones"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        for zone in ZONES:
+            (self.workdir / "zones" / f"{zone}.zone").write_text(_zone_file(zone))
+        port = _free_port()
+        config = self.workdir / "knot.conf"
+        config.write_text(_config(self.workdir, port))
+        log_path = self.workdir / "knotd.log"
+        with log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                [knotd, "-c", str(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        server = KnotDNS(host="127.0.0.1", port=port, zones=ZONES)
+        try:
+            _wait_until_answering(server, self._proc, log_path)
+        except RuntimeError:
+            self.stop()
+            raise
+        return server
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+
 @pytest.fixture(scope="session")
 def knot_dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnotDNS]:
     """A running Knot server serving ``ZONES`` on 127.0.0.1, for the whole session."""
-    knotd = _find_knotd()
-    if knotd is None:
+    if not KnotServer.installed():
         pytest.skip("Knot not installed (make test installs it)")
-    workdir = tmp_path_factory.mktemp("knot")
-    for sub in ("run", "db", "zones"):
-        (workdir / sub).mkdir()
-    for zone in ZONES:
-        (workdir / "zones" / f"{zone}.zone").write_text(_zone_file(zone))
-    port = _free_port()
-    config = workdir / "knot.conf"
-    config.write_text(_config(workdir, port))
-    log_path = workdir / "knotd.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([knotd, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    server = KnotDNS(host="127.0.0.1", port=port, zones=ZONES)
+    knot = KnotServer(tmp_path_factory.mktemp("knot"))
     try:
-        _wait_until_answering(server, process, log_path)
+        server = knot.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        knot.stop()
