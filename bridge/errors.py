@@ -5,11 +5,10 @@ own subclass), so the web layer can answer with a deliberate status and a short,
 reason without knowing about redis-py, botocore or dnspython::
 
     BridgeError                      500 (never shown with details)
-    ├── DependencyUnavailable        503 Redis, the object store or Postal's JWKS is down: Postal retries
-    │   ├── RedisUnavailable
-    │   └── (store.objects.StorageUnavailable, postal.signatures.KeysUnavailable are mapped here)
-    ├── NotFound                     404
-    └── Unauthorized                 401
+    └── DependencyUnavailable        503 Redis, the object store or Postal's JWKS is down: Postal retries
+        ├── RedisUnavailable
+        ├── dns.DNSUnavailable
+        └── (store.objects.StorageUnavailable, postal.signatures.KeysUnavailable are mapped to 503 too)
 """
 
 from __future__ import annotations
@@ -29,11 +28,3 @@ class DependencyUnavailable(BridgeError):
 
 class RedisUnavailable(DependencyUnavailable):
     """Redis refused, timed out or answered with an error."""
-
-
-class NotFound(BridgeError):
-    status = 404
-
-
-class Unauthorized(BridgeError):
-    status = 401

@@ -108,13 +108,6 @@ class MailIndex:
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
 
-    def claim_drain(self) -> bool:
-        """Take the drain flag (worker start-up); False if a filing job is already queued."""
-        try:
-            return bool(self._redis.set(DRAIN_FLAG, "1", nx=True, ex=DRAIN_FLAG_SECONDS))
-        except REDIS_ERRORS as exc:
-            raise RedisUnavailable("redis unavailable") from exc
-
     def file(self, filed: Iterable[tuple[dict[str, Any], str | None]]) -> None:
         """Write records into their folders in one round trip: (record, previous folder or None)."""
         try:
@@ -175,13 +168,6 @@ class MailIndex:
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
         return [json.loads(r) if r else None for r in raw]
-
-    def record(self, address: str, msg_id: str) -> dict[str, Any] | None:
-        try:
-            raw = self._redis.hget(_records_key(address), msg_id)
-        except REDIS_ERRORS as exc:
-            raise RedisUnavailable("redis unavailable") from exc
-        return json.loads(raw) if raw else None
 
     # --- rebuilding from the object store -----------------------------------------------------
 
