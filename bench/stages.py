@@ -26,11 +26,11 @@ from typing import Any
 
 from bridge import create_app
 from bridge.context import Bridge
-from bridge.inbound import accept_postal_delivery, sealed_chunks
+from bridge.inbound import accept_postal_delivery
 from bridge.mail.auth import check_dkim
 from bridge.mail.headers import sender_facts
 from bridge.postal.payloads import parse_inbound
-from bridge.sealing import seal
+from bridge.sealing import seal, sealed_chunks
 from bridge.settings import Settings
 from bridge.store.messages import STATUS_RECEIVED, MessageStore, message_id
 from bridge.store.objects import FileObjectStore

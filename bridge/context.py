@@ -45,6 +45,11 @@ class Bridge:
         except ValueError as exc:
             raise SettingsError(f"BRIDGE_POSTAL_PUBLIC_KEY: {exc}") from None
         self.postal_keys = PostalKeyring(keys, settings.postal_jwks_url)
+        if settings.dns_nameservers:
+            try:
+                self.resolver  # noqa: B018 - built now so that a bad entry stops start-up, not a request
+            except ValueError as exc:
+                raise SettingsError(f"BRIDGE_DNS_NAMESERVERS: {exc}") from None
         self.mailboxes = MailboxDirectory(self.objects)
         self.messages = MessageStore(self.objects)
 

@@ -19,16 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any
 
 from bridge.context import Bridge
 from bridge.errors import RedisUnavailable
 from bridge.mail.auth import check_dkim
 from bridge.mail.headers import sender_facts
 from bridge.postal.payloads import InboundMessage
-from bridge.sealing import seal
+from bridge.sealing import seal, sealed_chunks
 from bridge.store.index import REDIS_ERRORS
 from bridge.store.messages import STATUS_RECEIVED, message_id
 
@@ -87,7 +86,9 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
     sealed = seal(message.message, [mailbox.recipient(bridge.settings.domain)], aad)
     created = bridge.messages.create_body(mailbox.address, msg_id, sealed_chunks(sealed))
     del sealed
-    if bridge.index.note_received(mailbox.address, msg_id, received_at, aad):
+    # Only a new message's record goes to the index: a retry's may long since have been filed (and
+    # moved by its owner), so for a retry the filing job reads the truth from the object store.
+    if bridge.index.note_received(mailbox.address, msg_id, received_at, aad if created else None):
         enqueue_filing(bridge)
     log.info("postal delivery %s: postal id %s -> %s", STORED if created else DUPLICATE, message.postal_id, msg_id)
     return Outcome(STORED if created else DUPLICATE, msg_id)
@@ -104,36 +105,3 @@ def enqueue(bridge: Bridge, function: str, *ids: str) -> None:
         bridge.queue.enqueue(function, *ids, job_timeout=600, result_ttl=60, failure_ttl=7 * 86400)
     except REDIS_ERRORS as exc:
         raise RedisUnavailable("redis unavailable") from exc
-
-
-class _LazyChunks(Sequence[bytes]):
-    """A JSON document as byte chunks, its long ASCII member encoded a slice at a time when read."""
-
-    def __init__(self, head: bytes, text: str, tail: bytes, size: int = 1 << 20) -> None:
-        self._text = text
-        self._pieces: list[bytes | tuple[int, int]] = [
-            head,
-            *((i, min(i + size, len(text))) for i in range(0, len(text), size)),
-            tail,
-        ]
-
-    def __len__(self) -> int:
-        return len(self._pieces)
-
-    @overload
-    def __getitem__(self, index: int) -> bytes: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
-    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        piece = self._pieces[index]
-        return piece if isinstance(piece, bytes) else self._text[piece[0] : piece[1]].encode("ascii")
-
-
-def sealed_chunks(document: dict[str, Any]) -> Sequence[bytes]:
-    """The sealed JWE as compact JSON, in pieces: the ciphertext is encoded a slice at a time,
-    so a 25 MB message's ciphertext is never copied into one more full-size object."""
-    ciphertext = document.pop("ciphertext")
-    head = json.dumps(document, separators=(",", ":"))
-    return _LazyChunks(head[:-1].encode() + b',"ciphertext":"', ciphertext, b'"}')

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, cast, overload
 
 from joserfc import jwe
 from joserfc.errors import JoseError
@@ -60,11 +61,6 @@ def seal(plaintext: bytes, recipients: list[Recipient], aad: bytes | None = None
     return dict(sealed)
 
 
-def seal_to_json(plaintext: bytes, recipients: list[Recipient], aad: bytes | None = None) -> bytes:
-    """``seal`` serialized compactly, ready to store."""
-    return json.dumps(seal(plaintext, recipients, aad), separators=(",", ":")).encode()
-
-
 def aad_of(document: dict[str, Any]) -> bytes | None:
     """The additional authenticated data of a sealed body, decoded (None when it has none)."""
     value = document.get("aad")
@@ -90,3 +86,36 @@ def open_sealed(document: dict[str, Any], private_jwk: dict[str, Any]) -> bytes:
         return jwe.decrypt_json(cast(Any, document), key, registry=_reader_registry()).plaintext or b""
     except (JoseError, ValueError, KeyError, TypeError) as exc:
         raise SealingError(f"cannot open sealed body: {exc.__class__.__name__}") from exc
+
+
+class _LazyChunks(Sequence[bytes]):
+    """A JSON document as byte chunks, its long ASCII member encoded a slice at a time when read."""
+
+    def __init__(self, head: bytes, text: str, tail: bytes, size: int = 1 << 20) -> None:
+        self._text = text
+        self._pieces: list[bytes | tuple[int, int]] = [
+            head,
+            *((i, min(i + size, len(text))) for i in range(0, len(text), size)),
+            tail,
+        ]
+
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        piece = self._pieces[index]
+        return piece if isinstance(piece, bytes) else self._text[piece[0] : piece[1]].encode("ascii")
+
+
+def sealed_chunks(document: dict[str, Any]) -> Sequence[bytes]:
+    """The sealed JWE as compact JSON, in pieces: the ciphertext is encoded a slice at a time,
+    so a 25 MB message's ciphertext is never copied into one more full-size object."""
+    ciphertext = document.pop("ciphertext")
+    head = json.dumps(document, separators=(",", ":"))
+    return _LazyChunks(head[:-1].encode() + b',"ciphertext":"', ciphertext, b'"}')

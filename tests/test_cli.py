@@ -111,6 +111,9 @@ def test_a_bad_setting_stops_start_up_with_one_line(environment):
     bad = cli({**environment, "BRIDGE_UNKNOWN_RECIPIENT": "maybe"}, "mailbox", "list")
     assert bad.returncode == 2
     assert bad.stderr.strip() == "mailio-bridge: BRIDGE_UNKNOWN_RECIPIENT must be bounce or drop"
+    bad_dns = cli({**environment, "BRIDGE_DNS_NAMESERVERS": "1.2.3.4.5"}, "mailbox", "list")
+    assert bad_dns.returncode == 2 and bad_dns.stderr.startswith("mailio-bridge: BRIDGE_DNS_NAMESERVERS:")
+    assert len(bad_dns.stderr.strip().splitlines()) == 1
     missing = {k: v for k, v in environment.items() if k != "BRIDGE_DOMAIN"}
     env = {k: v for k, v in os.environ.items() if k != "BRIDGE_DOMAIN"} | missing
     result = subprocess.run(

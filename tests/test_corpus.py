@@ -23,9 +23,7 @@ def corpus_files() -> list[Path]:
     not CORPUS.is_dir(), reason="the shared MIME corpus (../shared/corpus/mime) is not beside the project"
 )
 @pytest.mark.parametrize("encoding", ["BodyAsJSON", "FormData"])
-def test_every_corpus_message_is_stored_and_opens_byte_exact(
-    live_url, client, bridge, owner, postal_signer, encoding
-):
+def test_every_corpus_message_is_stored_and_opens_byte_exact(live_url, client, bridge, owner, postal_signer, encoding):
     files = corpus_files()
     assert len(files) > 250
     postal = PostalSimulator(f"{live_url}/postal/inbound", postal_signer, encoding=encoding)
@@ -46,9 +44,7 @@ def test_every_corpus_message_is_stored_and_opens_byte_exact(
     seen = {}
     cursor = None
     while True:
-        query = "/api/v1/messages?folder=other&limit=200" + (
-            f"&before={cursor}" if cursor is not None else ""
-        )
+        query = "/api/v1/messages?folder=other&limit=200" + (f"&before={cursor}" if cursor is not None else "")
         page = client.get(query, headers=owner.auth).get_json()
         for record in page["messages"]:
             body = client.get(f"/api/v1/messages/{record['id']}", headers=owner.auth).get_json()["body"]

@@ -75,10 +75,7 @@ def test_noncanonical_reference_payload_decodes_and_would_not_survive_re_encodin
     # Its identifiers derive as we derive them.
     key = base64.b64decode(content["ownerPublicKey"])
     assert mailio_address(key) == content["ownerAddress"]
-    assert (
-        handshake_id(content["ownerAddress"], content["senderMetadata"]["emailHash"])
-        == content["handshakeId"]
-    )
+    assert handshake_id(content["ownerAddress"], content["senderMetadata"]["emailHash"]) == content["handshakeId"]
 
 
 def test_signed_vector_verifies_and_its_fields_check_out() -> None:
@@ -128,9 +125,7 @@ def test_round_trip_smtp_sender_by_email() -> None:
         origin_domain="mio.example.com",
         created_ms=1_700_000_000_123.0,
     )
-    handshake = parse_signed_handshake(
-        json.loads(json.dumps(document)), owner_public_key=OWNER.ed25519_public
-    )
+    handshake = parse_signed_handshake(json.loads(json.dumps(document)), owner_public_key=OWNER.ed25519_public)
     assert handshake.status == "revoked"
     assert handshake.sender_email_hash == SENDER_HASH
     assert handshake.handshake_id == handshake_id(OWNER.address, SENDER_HASH)
@@ -241,9 +236,7 @@ FORBIDDEN: list[tuple[str, Any, bytes | None, str]] = [
     ),
     (
         "ownerAddress not derived (handshakeId consistent with it)",
-        lambda: signed_content(
-            ownerAddress=STRANGER.address, handshakeId=handshake_id(STRANGER.address, SENDER_HASH)
-        ),
+        lambda: signed_content(ownerAddress=STRANGER.address, handshakeId=handshake_id(STRANGER.address, SENDER_HASH)),
         None,
         "ownerAddress does not derive",
     ),

@@ -461,3 +461,20 @@ def test_the_delivery_facts_are_sealed_with_the_body_and_tamper_evident(
 def test_a_nonsense_cursor_is_400_not_a_redis_error(client, owner):
     for cursor in ("nan", "inf", "x"):
         assert client.get(f"/api/v1/messages?folder=other&before={cursor}", headers=owner.auth).status_code == 400
+
+
+def test_a_late_retry_after_redis_loss_does_not_undo_the_owners_move(
+    live_url, client, bridge, owner, postal_signer, redis_server
+):
+    postal = PostalSimulator(f"{live_url}/postal/inbound", postal_signer)
+    payload = payload_for("RawMessage")
+    postal.post(payload)
+    run_worker(bridge)
+    [record] = listing(client, owner, "other")
+    client.post(f"/api/v1/messages/{record['id']}/move", json={"folder": "archive"}, headers=owner.auth)
+    redis_server.flushall()
+    assert postal.post(payload).body_text.strip() == "duplicate"
+    run_worker(bridge)
+    assert [r["id"] for r in listing(client, owner, "archive")] == [record["id"]]
+    assert listing(client, owner, "other") == []
+    assert bridge.messages.get_record(owner.mailbox.address, record["id"])["folder"] == "archive"

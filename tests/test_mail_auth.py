@@ -320,9 +320,7 @@ def test_dmarc_record_rules(knot: KnotDNS) -> None:
     message = as_posted_by_postal(compose("alice@example.test"), STRANGER_IP)
     knot.set_txt("_dmarc.example.test", "v=DMARC1; p=bogus")  # invalid p= and no rua: ignored
     assert verdict(knot, message, "alice@example.test").dmarc == "none"
-    knot.set_txt(
-        "_dmarc.example.test", "v=DMARC1; p=bogus; rua=mailto:r@example.test"
-    )  # ... with rua: p=none
+    knot.set_txt("_dmarc.example.test", "v=DMARC1; p=bogus; rua=mailto:r@example.test")  # ... with rua: p=none
     assert verdict(knot, message, "alice@example.test").dmarc_policy == "none"
     knot.set_txt("_dmarc.example.test", "v=spf1 -all")  # not a DMARC record
     assert verdict(knot, message, "alice@example.test").dmarc == "none"

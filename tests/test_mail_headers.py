@@ -53,9 +53,7 @@ def postal(
     )
 
 
-def sender_message(
-    from_lines: bytes = b"From: Alice <alice@sender.test>\r\n", body: bytes = b"Hello\r\n"
-) -> bytes:
+def sender_message(from_lines: bytes = b"From: Alice <alice@sender.test>\r\n", body: bytes = b"Hello\r\n") -> bytes:
     return from_lines + b"To: bob@example.test\r\nSubject: hi\r\nMessage-ID: <m1@sender.test>\r\n\r\n" + body
 
 
@@ -94,9 +92,7 @@ def test_client_ip_comes_only_from_postals_received_line() -> None:
     facts = sender_facts(postal(sender_received + sender_message()))
     assert facts.client_ip == "192.0.2.44"
     # No Received straight after Postal's block: a later (sender-written) one is not trusted.
-    facts = sender_facts(
-        b"X-Postal-Spam: no\r\n" + sender_message().replace(b"To:", sender_received + b"To:")
-    )
+    facts = sender_facts(b"X-Postal-Spam: no\r\n" + sender_message().replace(b"To:", sender_received + b"To:"))
     assert facts.client_ip is None
     assert facts.helo is None
 

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bridge.mailio.handshakes import sign_handshake
@@ -294,18 +295,21 @@ def test_owner_cli_approves_and_revokes_over_the_api(environment, live_url, mail
     env = {**os.environ, **environment, "PYTHONPATH": str(ROOT)}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "bridge", *args], env=env, capture_output=True, text=True,
-                              timeout=60, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "bridge", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
 
-    approved = cli("handshake", "approve", sender.address, "--key", str(key_file), "--url", live_url,
-                   "--token", owner.token)
+    approved = cli(
+        "handshake", "approve", sender.address, "--key", str(key_file), "--url", live_url, "--token", owner.token
+    )
     assert approved.returncode == 0, approved.stderr
     assert json.loads(approved.stdout)["status"] == "accepted"
     mailroom.deliver(sender.message(), mail_from=sender.address)
     assert mailroom.folders() == {"inbox": 1}
 
-    revoked = cli("handshake", "revoke", sender.address, "--key", str(key_file), "--url", live_url,
-                  "--token", owner.token)
+    revoked = cli(
+        "handshake", "revoke", sender.address, "--key", str(key_file), "--url", live_url, "--token", owner.token
+    )
     assert revoked.returncode == 0, revoked.stderr
     run_worker(mailroom.bridge)
     assert mailroom.folders() == {"spam": 1}
@@ -314,3 +318,13 @@ def test_owner_cli_approves_and_revokes_over_the_api(environment, live_url, mail
 
     rescreened = cli("rescreen", owner.mailbox.email)
     assert rescreened.returncode == 0 and json.loads(rescreened.stdout)["moved"] == 0
+
+
+def test_handshake_upload_without_a_length_or_too_large_is_refused_unread(live_url, owner):
+    headers = {**owner.auth, "Content-Type": "application/json"}
+    too_large = requests.put(
+        f"{live_url}/api/v1/handshakes", data=b"{" + b" " * 70_000 + b"}", headers=headers, timeout=10
+    )
+    assert too_large.status_code == 413
+    chunked = requests.put(f"{live_url}/api/v1/handshakes", data=iter([b"{}"]), headers=headers, timeout=10)
+    assert chunked.status_code == 411

@@ -83,8 +83,10 @@ class MailIndex:
     def unfiled(self, limit: int) -> list[tuple[str, str]]:
         """The oldest messages waiting to be filed, as (address, id)."""
         try:
-            self._redis.expire(DRAIN_FLAG, DRAIN_FLAG_SECONDS)
-            members = self._redis.zrange(UNFILED, 0, limit - 1)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.expire(DRAIN_FLAG, DRAIN_FLAG_SECONDS)
+            pipe.zrange(UNFILED, 0, limit - 1)
+            members = pipe.execute()[-1]
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
         pairs = []

@@ -59,11 +59,12 @@ class MessageStore:
     def put_record(self, record: dict[str, Any]) -> None:
         self._objects.put(self._key(record["mailbox"], record["id"], "json"), _dump(record))
 
-    def get_record(self, address: str, msg_id: str) -> dict[str, Any] | None:
+    def get_record(self, address: str, msg_id: str, *, body: bytes | None = None) -> dict[str, Any] | None:
+        """The filed record, else the initial one from the body's aad (pass ``body`` if already read)."""
         data = self._objects.get(self._key(address, msg_id, "json"))
         if data:
             return json.loads(data)
-        body = self._objects.get(self._key(address, msg_id, "jwe"))
+        body = body if body is not None else self._objects.get(self._key(address, msg_id, "jwe"))
         return initial_record(body) if body else None
 
     def get_body(self, address: str, msg_id: str) -> bytes | None:
@@ -75,15 +76,10 @@ class MessageStore:
         keys = list(self._objects.list(prefix))
         filed = {k[:-5] for k in keys if k.endswith(".json")}
         for key in keys:
-            if key.endswith(".json"):
+            if key.endswith(".json") or (key.endswith(".jwe") and key[:-4] not in filed):
                 data = self._objects.get(key)
-            elif key.endswith(".jwe") and key[:-4] not in filed:
-                data = self._objects.get(key)
-                data = json.dumps(initial_record(data)).encode() if data else None
-            else:
-                continue
-            if data:
-                yield json.loads(data)
+                if data:
+                    yield json.loads(data) if key.endswith(".json") else initial_record(data)
 
     @staticmethod
     def _key(address: str, msg_id: str, kind: str) -> str:

@@ -13,7 +13,8 @@ code  when
 401   no or unknown bearer token
 403   a handshake not signed by this mailbox's key, or older than the one stored
 404   no such message in this mailbox
-413   a handshake document over 64 KB
+411   a request body without a Content-Length
+413   a request body over 64 KB
 503   Redis or the object store is unreachable
 ====  ======================================================
 """
@@ -103,8 +104,8 @@ def list_messages(bridge: Bridge, mailbox: Mailbox) -> Response:
 def get_message(bridge: Bridge, mailbox: Mailbox, msg_id: str) -> Response:
     if not is_message_id(msg_id):
         return error("no such message", 404)
-    record = bridge.messages.get_record(mailbox.address, msg_id)
-    body = bridge.messages.get_body(mailbox.address, msg_id) if record else None
+    body = bridge.messages.get_body(mailbox.address, msg_id)
+    record = bridge.messages.get_record(mailbox.address, msg_id, body=body) if body else None
     if record is None or body is None:
         return error("no such message", 404)
     # The sealed body is stored as compact JSON already: splice it in rather than re-encoding it.
@@ -118,7 +119,9 @@ def get_message(bridge: Bridge, mailbox: Mailbox, msg_id: str) -> Response:
 @blueprint.post("/messages/<msg_id>/move")
 @owner_only
 def move_message(bridge: Bridge, mailbox: Mailbox, msg_id: str) -> Response:
-    data = _small_json()
+    if refused := _unreadable_body():
+        return refused
+    data = request.get_json(silent=True)
     folder = data.get("folder") if isinstance(data, dict) else None
     if folder not in FOLDERS:
         return error(f'give {{"folder": ...}}, one of: {", ".join(FOLDERS)}', 400)
@@ -137,10 +140,13 @@ def move_message(bridge: Bridge, mailbox: Mailbox, msg_id: str) -> Response:
 MAX_DOCUMENT_BYTES = 64 * 1024
 
 
-def _small_json() -> Any:
-    if (request.content_length or 0) > MAX_DOCUMENT_BYTES:
-        return None
-    return request.get_json(silent=True)
+def _unreadable_body() -> Response | None:
+    """The API's bodies are small JSON documents with a length; anything else is refused unread."""
+    if request.content_length is None:
+        return error("a Content-Length is required", 411)
+    if request.content_length > MAX_DOCUMENT_BYTES:
+        return error("request body too large", 413)
+    return None
 
 
 @blueprint.put("/handshakes")
@@ -151,8 +157,8 @@ def put_handshake(bridge: Bridge, mailbox: Mailbox) -> Response:
     400 malformed · 403 not signed by this mailbox's key, identifiers that do not derive, or
     older than the stored one (a replayed approval must not undo a revocation) · 413 too large.
     """
-    if (request.content_length or 0) > MAX_DOCUMENT_BYTES:
-        return error("handshake document too large", 413)
+    if refused := _unreadable_body():
+        return refused
     document = request.get_json(silent=True)
     if document is None:
         return error("the body must be a JSON handshake document", 400)
