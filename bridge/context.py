@@ -16,7 +16,7 @@ import dns.resolver
 import redis
 from rq import Queue
 
-from bridge.dns import make_resolver
+from bridge.dns import UnreachableZones, make_resolver
 from bridge.postal.signatures import PostalKeyring, load_public_keys
 from bridge.settings import Settings, SettingsError
 from bridge.store.contacts import ContactBook
@@ -103,9 +103,18 @@ class Bridge:
 
     @cached_property
     def resolver(self) -> dns.resolver.Resolver:
-        """The bridge's DNS resolver (BRIDGE_DNS_NAMESERVERS), caching answers for their TTL."""
+        """The bridge's DNS resolver (BRIDGE_DNS_NAMESERVERS), caching answers for their TTL.
+
+        Zones that stop answering are remembered in Redis for every process (``bridge.dns``); that
+        client has short timeouts because it is asked before DNS, and its failure only costs the memory.
+        """
         resolver = make_resolver(list(self.settings.dns_nameservers) or None)
         resolver.cache = dns.resolver.LRUCache(50_000)
+        try:
+            shared = redis.Redis.from_url(self.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25)
+        except SettingsError:
+            shared = None  # no Redis configured (a CLI command): this process's own memory only
+        resolver.unreachable = UnreachableZones(shared)
         return resolver
 
 

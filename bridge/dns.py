@@ -6,24 +6,139 @@ dnspython's many exception types collapse into two answers: "no such record" (an
 :class:`DNSUnavailable` (try again later). "No record" and "could not ask" must never be confused: the first
 is a verdict, the second is not.
 
-This module caches nothing (the resolver is built without a cache); callers that want caching own it. It never
-retries on its own beyond what dnspython does within the resolver's lifetime.
+Nothing a sender controls may hold a process for long, so two things bound every lookup:
+
+* a **time budget** (``dns_budget(seconds)``, a context variable): every lookup made inside shares one deadline
+  and raises :class:`DNSUnavailable` once it is spent, however many names a message makes us ask about;
+* a shared memory of **unreachable zones** (``UnreachableZones``, in Redis so that every web and worker process
+  learns from the first one that waited): after a timeout or SERVFAIL under an organizational domain, lookups
+  under it fail at once for ``UNREACHABLE_SECONDS`` instead of each waiting out the resolver's lifetime.
+  Answers already in the resolver's own cache are served regardless.
+
+It never retries on its own beyond what dnspython does within the resolver's lifetime.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import ipaddress
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import dns.exception
 import dns.name
 import dns.nameserver
 import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
+from publicsuffixlist import PublicSuffixList
+from redis.exceptions import RedisError
 
 from bridge.errors import DependencyUnavailable
 
-__all__ = ["DNSUnavailable", "make_resolver", "records", "txt_records"]
+__all__ = [
+    "DNSUnavailable",
+    "UnreachableZones",
+    "dns_budget",
+    "make_resolver",
+    "organizational_domain",
+    "records",
+    "txt_records",
+]
+
+log = logging.getLogger(__name__)
+
+#: How long a zone that timed out (or SERVFAILed) is answered "unavailable" without asking again.
+UNREACHABLE_SECONDS = 60.0
+
+#: A lookup that waited this long without an answer convicts its zone (a nearly spent budget does not).
+_CONVICTING_WAIT = 0.5
+
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("bridge_dns_deadline", default=None)
+
+
+@contextlib.contextmanager
+def dns_budget(seconds: float) -> Iterator[None]:
+    """Bound every lookup made inside to ``seconds`` in all (nested budgets keep the earlier deadline).
+
+    The deadline lives in a context variable: a thread pool's task must enter its own ``dns_budget``.
+    """
+    deadline = time.monotonic() + seconds
+    outer = _DEADLINE.get()
+    token = _DEADLINE.set(deadline if outer is None else min(deadline, outer))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+@functools.cache
+def _psl() -> PublicSuffixList:
+    # Loading the shipped list takes ~70 ms: do it once, on first use rather than at import.
+    return PublicSuffixList()
+
+
+def organizational_domain(domain: str) -> str:
+    """RFC 7489's organizational domain: public suffix + one label, or the name itself."""
+    name = domain.lower().rstrip(".")
+    return _psl().privatesuffix(name) or name
+
+
+class UnreachableZones:
+    """Organizational domains whose DNS did not answer lately, shared by every process through Redis.
+
+    Redis trouble never makes a lookup fail: the memory is an optimisation, so it degrades to this process's
+    own copy. The Redis client should have short timeouts (it is asked before a DNS query, not instead).
+    """
+
+    PREFIX = "bridge:dns:unreachable:"
+
+    def __init__(self, connection: Any | None, seconds: float = UNREACHABLE_SECONDS) -> None:
+        self._redis = connection
+        self._seconds = seconds
+        self._local: dict[str, float] = {}
+
+    def is_unreachable(self, zone: str) -> bool:
+        now = time.monotonic()
+        until = self._local.get(zone)
+        if until is not None:
+            if until > now:
+                return True
+            self._local.pop(zone, None)
+        if self._redis is None:
+            return False
+        try:
+            ttl = self._redis.pttl(self.PREFIX + zone)
+        except (RedisError, OSError):  # ask DNS as if nothing were known
+            return False
+        if ttl and ttl > 0:
+            self._remember(zone, now + ttl / 1000)
+            return True
+        return False
+
+    def mark(self, zone: str) -> None:
+        self._remember(zone, time.monotonic() + self._seconds)
+        if self._redis is not None:
+            try:
+                self._redis.set(self.PREFIX + zone, b"1", px=int(self._seconds * 1000))
+            except (RedisError, OSError):  # the local copy still protects this process
+                log.debug("could not share an unreachable zone through Redis")
+
+    def _remember(self, zone: str, until: float) -> None:
+        if len(self._local) > 10_000:
+            self._local.clear()
+        self._local[zone] = until
+
+
+class Resolver(dns.resolver.Resolver):
+    """dnspython's resolver plus the bridge's shared memory of unreachable zones (None: no memory)."""
+
+    unreachable: UnreachableZones | None = None
 
 
 class DNSUnavailable(DependencyUnavailable):
@@ -54,7 +169,7 @@ def _parse_nameserver(entry: str) -> dns.nameserver.Do53Nameserver:
     return dns.nameserver.Do53Nameserver(host, port=port)
 
 
-def make_resolver(nameservers: list[str] | None, *, timeout: float = 2.0) -> dns.resolver.Resolver:
+def make_resolver(nameservers: list[str] | None, *, timeout: float = 2.0) -> Resolver:
     """Build the resolver the bridge uses everywhere.
 
     ``nameservers`` entries are ``"IP"`` or ``"IP:PORT"`` (``"[IPv6]:PORT"`` for IPv6 with a port); ``None``
@@ -64,13 +179,13 @@ def make_resolver(nameservers: list[str] | None, *, timeout: float = 2.0) -> dns
     """
     if nameservers is None:
         try:
-            resolver = dns.resolver.Resolver()
+            resolver = Resolver()
         except dns.resolver.NoResolverConfiguration as exc:
             raise DNSUnavailable("no system DNS resolver is configured") from exc
     else:
         if not nameservers:
             raise ValueError("an explicit nameserver list must not be empty")
-        resolver = dns.resolver.Resolver(configure=False)
+        resolver = Resolver(configure=False)
         resolver.nameservers = [_parse_nameserver(entry) for entry in nameservers]
     resolver.timeout = timeout
     resolver.lifetime = timeout
@@ -83,25 +198,54 @@ def records(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> list[dns
 
     NXDOMAIN, an empty answer and a name that cannot exist in DNS (an empty or over-long label, which a
     hostile From: domain can carry) all mean "no record". Timeouts, SERVFAIL and unreachable servers raise
-    :class:`DNSUnavailable`.
+    :class:`DNSUnavailable`, and so does a spent ``dns_budget`` or a zone remembered as unreachable.
     """
     try:
         qname = dns.name.from_text(name)
     except (dns.exception.DNSException, UnicodeError, ValueError):
         return []
+    lifetime = None
+    deadline = _DEADLINE.get()
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0.005:
+            raise DNSUnavailable(f"DNS time budget spent before asking {rdtype} {name}")
+        lifetime = min(resolver.lifetime, left)
+    memory = getattr(resolver, "unreachable", None)
+    zone = None
+    if memory is not None and not _cached(resolver, qname, rdtype):
+        zone = organizational_domain(qname.to_text(omit_final_dot=True))
+        if memory.is_unreachable(zone):
+            raise DNSUnavailable(f"DNS for {zone} did not answer lately")
+    started = time.monotonic()
     try:
-        answer = resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+        answer = resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False, lifetime=lifetime)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
         return []
     except dns.exception.Timeout as exc:
+        # A budget nearly spent is this delivery's limit, not evidence about the zone: remember real waits.
+        if memory is not None and zone is not None and time.monotonic() - started >= _CONVICTING_WAIT:
+            memory.mark(zone)
         raise DNSUnavailable(f"DNS timeout asking {rdtype} {name}") from exc
     except dns.resolver.NoNameservers as exc:
+        if memory is not None and zone is not None:
+            memory.mark(zone)
         raise DNSUnavailable(f"no DNS server answered {rdtype} {name} (SERVFAIL or refused)") from exc
     except dns.exception.DNSException as exc:
         raise DNSUnavailable(f"DNS error asking {rdtype} {name}: {type(exc).__name__}") from exc
     if answer.rrset is None:
         return []
     return list(answer.rrset)
+
+
+def _cached(resolver: dns.resolver.Resolver, qname: dns.name.Name, rdtype: str) -> bool:
+    cache = resolver.cache
+    if cache is None:
+        return False
+    try:
+        return cache.get((qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN)) is not None
+    except dns.rdatatype.UnknownRdatatype:
+        return False
 
 
 def txt_records(resolver: dns.resolver.Resolver, name: str) -> list[str]:

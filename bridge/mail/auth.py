@@ -27,7 +27,6 @@ does) and never stores anything.
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,9 +35,8 @@ from typing import Any
 import dkim
 import dns.resolver
 import spf
-from publicsuffixlist import PublicSuffixList
 
-from bridge.dns import DNSUnavailable, records, txt_records
+from bridge.dns import DNSUnavailable, organizational_domain, records, txt_records
 from bridge.mail.headers import SenderFacts
 
 __all__ = [
@@ -93,18 +91,6 @@ class AuthVerdict:
         data["dkim_domains"] = list(self.dkim_domains)
         data["authenticated"] = self.authenticated()
         return data
-
-
-@functools.cache
-def _psl() -> PublicSuffixList:
-    # Loading the shipped list takes ~70 ms: do it once, on first use rather than at import.
-    return PublicSuffixList()
-
-
-def organizational_domain(domain: str) -> str:
-    """RFC 7489's organizational domain: public suffix + one label, or the name itself."""
-    name = domain.lower().rstrip(".")
-    return _psl().privatesuffix(name) or name
 
 
 def _aligned(domain: str, from_domain: str, strict: bool) -> bool:
