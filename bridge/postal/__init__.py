@@ -1,7 +1,8 @@
 """Postal's world; knows nothing of Flask.
 
 signatures.py checks that a request body really comes from Postal (RSA signatures, JWKS/PEM/DNS keys);
-payloads.py turns a verified body into one InboundMessage. Neither module touches the web framework,
+payloads.py turns a verified body into one InboundMessage, with encoding.py (errors, strict base64),
+fields.py (JSON/FormData field access) and rebuild.py (Hash -> MIME). None of these modules touches the web framework,
 the object store or Redis: the web layer calls them with bytes and headers and maps their exceptions to
 HTTP status codes.
 """
