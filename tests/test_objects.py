@@ -32,7 +32,16 @@ from bridge.store.objects import (
 )
 from tests.servers import CephRGW, MotoS3Server
 
-OBJECTS_MODULE = Path(__file__).resolve().parent.parent / "bridge" / "store" / "objects.py"
+BRIDGE_DIR = Path(__file__).resolve().parent.parent / "bridge"
+# Child processes import the store modules without running bridge/__init__.py (which wires the web app):
+# empty stand-ins for the two packages, so only the store's own imports (and boto3 for s3) run.
+_STORE_ONLY = f"""
+import sys, types
+for _name, _path in (("bridge", {str(BRIDGE_DIR)!r}), ("bridge.store", {str(BRIDGE_DIR / "store")!r})):
+    _package = types.ModuleType(_name)
+    _package.__path__ = [_path]
+    sys.modules[_name] = _package
+"""
 
 PAGE = 7  # S3 listing page size in these tests, so a handful of keys spans several pages
 
@@ -127,17 +136,17 @@ def test_concurrent_creators_exactly_one_wins(store: ObjectStore) -> None:
         assert store.get(key) == f"writer {winners[0]}".encode()
 
 
-# A creator in its own process: loads objects.py, says "ready", waits for "go" on stdin, then creates.
-_RACER = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("objects_under_test", sys.argv[1])
-objects = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(objects)
-store = objects.FileObjectStore(sys.argv[2])
+# A creator in its own process: loads the store, says "ready", waits for "go" on stdin, then creates.
+_RACER = (
+    _STORE_ONLY
+    + """
+from bridge.store import filesystem
+store = filesystem.FileObjectStore(sys.argv[2])
 print("ready", flush=True)
 sys.stdin.readline()
 print(store.create("mail/a@b.c/m", ("process " + sys.argv[3]).encode() * 1000), flush=True)
 """
+)
 
 
 def test_filesystem_creators_in_separate_processes_exactly_one_wins(tmp_path: Path) -> None:
@@ -146,7 +155,7 @@ def test_filesystem_creators_in_separate_processes_exactly_one_wins(tmp_path: Pa
     FileObjectStore(root)
     racers = [
         subprocess.Popen(
-            [sys.executable, "-c", _RACER, str(OBJECTS_MODULE), str(root), str(i)],
+            [sys.executable, "-c", _RACER, "-", str(root), str(i)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -326,16 +335,16 @@ def test_filesystem_root_gone_is_unavailable_not_empty(tmp_path: Path) -> None:
 
 # A child process runs the store with limited rights: root ignores directory permissions, so it drops
 # CAP_DAC_OVERRIDE first (setpriv), and a file-size limit stands in for a full disk. The child loads
-# objects.py straight from its file so only boto3 must be importable.
-_CHILD = """
-import importlib.util, resource, signal, sys
-spec = importlib.util.spec_from_file_location("objects_under_test", sys.argv[1])
-objects = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(objects)
+# only the store modules.
+_CHILD = (
+    _STORE_ONLY
+    + """
+import resource, signal
+from bridge.store import filesystem, objects
 if sys.argv[3] == "fsize":
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-store = objects.FileObjectStore(sys.argv[2])
+store = filesystem.FileObjectStore(sys.argv[2])
 outcomes = []
 for name, call in [
     ("create", lambda: store.create("mail/a@b.c/2", [b"x" * 5000, b"y" * 5000])),
@@ -349,10 +358,11 @@ for name, call in [
         outcomes.append(name + "=unavailable")
 print(" ".join(outcomes))
 """
+)
 
 
 def _run_child(root: Path, mode: str) -> str:
-    command = [sys.executable, "-c", _CHILD, str(OBJECTS_MODULE), str(root), mode]
+    command = [sys.executable, "-c", _CHILD, "-", str(root), mode]
     if os.geteuid() == 0 and mode == "readonly":
         if shutil.which("setpriv") is None:
             pytest.skip("running as root and setpriv (util-linux) is missing: cannot drop CAP_DAC_OVERRIDE")
@@ -566,12 +576,12 @@ def test_ceph_wrong_credentials_are_unavailable(ceph_rgw: CephRGW) -> None:
     assert good.get("k2") is None
 
 
-def test_objects_module_imports_without_the_web_layer() -> None:
+def test_store_modules_import_without_the_web_layer() -> None:
     """Protocol code and workers import the store; it must not pull in Flask."""
-    code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('objects_under_test', {str(OBJECTS_MODULE)!r})\n"
-        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+    code = _STORE_ONLY + (
+        "from bridge.store import objects, filesystem, s3\n"
+        "assert objects.FileObjectStore is filesystem.FileObjectStore\n"
+        "assert objects.S3ObjectStore is s3.S3ObjectStore\n"
         "print('flask' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=True)
