@@ -41,7 +41,7 @@ COPY requirements.txt ./
 RUN pip install -r requirements.txt
 
 COPY bridge/ ./bridge/
-COPY wsgi.py ./
+COPY wsgi.py gunicorn.conf.py ./
 
 ENV BRIDGE_DATA_DIR=/data \
     BRIDGE_LISTEN=0.0.0.0:8080 \
@@ -55,6 +55,7 @@ EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request\ntry:\n    urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=8)\nexcept Exception as exc:\n    sys.exit(f'unhealthy: {exc}')"]
 
-# --timeout 60: Postal's endpoint timeout is at most 60 s, so a worker is never killed while
-# Postal still waits for its answer. exec: gunicorn gets docker's SIGTERM and stops gracefully.
-CMD ["sh", "-c", "exec gunicorn --bind 0.0.0.0:8080 --workers \"${BRIDGE_WEB_WORKERS}\" --timeout 60 --graceful-timeout 10 --access-logfile - wsgi:app"]
+# gunicorn.conf.py reads BRIDGE_LISTEN, BRIDGE_WEB_WORKERS, BRIDGE_WEB_THREADS and BRIDGE_READ_TIMEOUT and
+# says why each choice (threaded workers with a read deadline: slow clients cannot hold the process).
+# exec form: gunicorn gets docker's SIGTERM and stops gracefully.
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]

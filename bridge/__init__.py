@@ -32,8 +32,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     bridge = Bridge(settings)
     _ = bridge.redis_url  # fail at start-up, not on the first request, when Redis is not configured
     from bridge.web import api, ops, postal
+    from bridge.web.deadlines import deadlines
     from bridge.web.postal import request_limit
 
+    deadlines.seconds = settings.read_timeout  # enforced by the gunicorn worker (bridge.web.server)
     app = Flask(__name__)
     app.config["MAX_FORM_MEMORY_SIZE"] = None
     # Bounds bodies sent without a Content-Length too (chunked); the Postal view checks earlier.
@@ -61,14 +63,15 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
-        # One line, no traceback and no message (it could carry data): the class and the place.
+        # A bug, not a dependency: 500 (a 503 would have Postal retry a hopeless delivery for a day and
+        # hide the bug). One line, no traceback and no message (it could carry data): class and place.
         tb = exc.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
         log.error("unexpected %s at %s", exc.__class__.__name__, where)
-        response = jsonify({"error": "internal error, retry later"})
-        response.status_code = 503
+        response = jsonify({"error": "internal error"})
+        response.status_code = 500
         return response
 
     return app

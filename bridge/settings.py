@@ -59,6 +59,15 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
     ),
     "BRIDGE_LISTEN": ("127.0.0.1:8080", "host:port the web process binds (make run / python -m bridge run)"),
     "BRIDGE_WEB_WORKERS": ("4", "gunicorn worker processes (make run / python -m bridge run)"),
+    "BRIDGE_WEB_THREADS": ("8", "threads per gunicorn worker process (gthread): concurrent requests per process"),
+    "BRIDGE_READ_TIMEOUT": (
+        "10",
+        "seconds a client may take to send a request's headers and body; slower ones get 408 and are cut off",
+    ),
+    "BRIDGE_DKIM_DNS_BUDGET": (
+        "2",
+        "seconds of DNS all of one delivery's DKIM key lookups may take before answering Postal (temperror after)",
+    ),
     "BRIDGE_LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
 }
 
@@ -84,6 +93,9 @@ class Settings:
     listen: str
     web_workers: int
     log_level: str
+    web_threads: int = 8
+    read_timeout: float = 10.0
+    dkim_dns_budget: float = 2.0
 
     @property
     def postal_jwks_url(self) -> str | None:
@@ -124,6 +136,9 @@ class Settings:
             raise SettingsError("BRIDGE_UNKNOWN_RECIPIENT must be bounce or drop")
         max_bytes = _positive_int("BRIDGE_MAX_MESSAGE_BYTES", get("BRIDGE_MAX_MESSAGE_BYTES"))
         workers = _positive_int("BRIDGE_WEB_WORKERS", get("BRIDGE_WEB_WORKERS"))
+        threads = _positive_int("BRIDGE_WEB_THREADS", get("BRIDGE_WEB_THREADS"))
+        read_timeout = _seconds("BRIDGE_READ_TIMEOUT", get("BRIDGE_READ_TIMEOUT"), maximum=300)
+        dkim_budget = _seconds("BRIDGE_DKIM_DNS_BUDGET", get("BRIDGE_DKIM_DNS_BUDGET"), maximum=4)
         fsync = _boolean("BRIDGE_FSYNC", get("BRIDGE_FSYNC"))
         nameservers = tuple(n.strip() for n in get("BRIDGE_DNS_NAMESERVERS").split(",") if n.strip())
         for ns in nameservers:
@@ -151,6 +166,9 @@ class Settings:
             listen=listen,
             web_workers=workers,
             log_level=level,
+            web_threads=threads,
+            read_timeout=read_timeout,
+            dkim_dns_budget=dkim_budget,
         )
 
 
@@ -161,6 +179,16 @@ def _positive_int(name: str, value: str) -> int:
         raise SettingsError(f"{name} must be a whole number") from None
     if number <= 0:
         raise SettingsError(f"{name} must be greater than zero")
+    return number
+
+
+def _seconds(name: str, value: str, *, maximum: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds") from None
+    if not 0 < number <= maximum:  # also refuses nan and inf
+        raise SettingsError(f"{name} must be more than 0 and at most {maximum:g} seconds")
     return number
 
 

@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,38 +22,13 @@ from bridge.sealing import open_sealed
 from bridge.settings import Settings
 from tests.conftest import DOMAIN, make_owner
 from tests.postal_sim import PostalSimulator, raw_payload, ruby_json
-from tests.servers import free_port, stop_process
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.webproc import ROOT, gunicorn_process
 
 
 @pytest.fixture
 def gunicorn(environment: dict[str, str], tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, **environment, "PYTHONPATH": str(ROOT)}
-    log = (tmp_path / "gunicorn.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}", "wsgi:app"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
-        else:
-            pytest.fail(f"gunicorn did not start:\n{(tmp_path / 'gunicorn.log').read_text()[-2000:]}")
+    with gunicorn_process(environment, tmp_path / "gunicorn.log") as (url, _pid):
         yield url
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 def test_postal_to_gunicorn_to_worker_to_owner(gunicorn, environment, postal_signer):

@@ -7,7 +7,10 @@ alone whether the sender gets a bounce, so every answer is deliberate (postal.md
 code  when                                                        what Postal does
 ====  ==========================================================  ==============================
 200   stored, or a retry of a delivery already stored             done
-400   signed by Postal but not a well-formed delivery             hard fail, bounces the sender
+400   signed by Postal but not a well-formed delivery; a body     hard fail, bounces the sender
+      that ended early or malformed chunking (nothing verified)
+408   the body did not arrive within BRIDGE_READ_TIMEOUT          hard fail (Postal sends whole
+      (the connection is closed; nothing verified or stored)      bodies at once: not Postal)
 401   missing, wrong or tampered signature (not from Postal)      hard fail (it was not Postal)
 404   no such mailbox, BRIDGE_UNKNOWN_RECIPIENT=bounce            hard fail, bounces the sender
 429   no such mailbox, BRIDGE_UNKNOWN_RECIPIENT=drop              hard fail, no bounce
@@ -24,6 +27,8 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, current_app, request
+from gunicorn.http.errors import ParseException
+from werkzeug.exceptions import ClientDisconnected
 
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable
@@ -31,6 +36,7 @@ from bridge.inbound import UNKNOWN_RECIPIENT, accept_postal_delivery
 from bridge.postal.payloads import MessageTooLarge, PayloadError, parse_inbound
 from bridge.postal.signatures import KeysUnavailable, SignatureError
 from bridge.store.objects import StorageUnavailable
+from bridge.web.deadlines import deadlines
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("postal", __name__)
@@ -40,6 +46,10 @@ _READ_CHUNK = 1 << 20
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _BodyIncomplete(Exception):
+    """The body ended early, was malformed chunking, or was cut off by the read deadline."""
 
 
 def request_limit(max_message_bytes: int) -> int:
@@ -57,28 +67,44 @@ def _text(body: str, status: int) -> Response:
 
 
 def _read_body(limit: int) -> bytearray:
+    """The whole body, or _BodyTooLarge / _BodyIncomplete; never more than ``limit`` bytes held."""
     length = request.content_length
     if length is not None and length > limit:
         raise _BodyTooLarge
     stream = request.stream
-    if length is not None:
-        # Preallocate and fill: no second full-size copy. (gunicorn's stream has read() but no readinto().)
-        body = bytearray(length)
-        filled = 0
-        while filled < length:
-            chunk = stream.read(min(_READ_CHUNK, length - filled))
-            if not chunk:
-                break
-            body[filled : filled + len(chunk)] = chunk
-            filled += len(chunk)
-        del body[filled:]
+    try:
+        if length is not None:
+            # Preallocate and fill: no second full-size copy. (gunicorn's stream has read() but no readinto().)
+            body = bytearray(length)
+            filled = 0
+            while filled < length:
+                chunk = stream.read(min(_READ_CHUNK, length - filled))
+                if not chunk:
+                    raise _BodyIncomplete  # the client closed early, or its read deadline cut it off
+                body[filled : filled + len(chunk)] = chunk
+                filled += len(chunk)
+            return body
+        body = bytearray()
+        while chunk := stream.read(_READ_CHUNK):
+            body += chunk
+            if len(body) > limit:
+                raise _BodyTooLarge
         return body
-    body = bytearray()
-    while chunk := stream.read(_READ_CHUNK):
-        body += chunk
-        if len(body) > limit:
-            raise _BodyTooLarge
-    return body
+    except (OSError, ParseException, ClientDisconnected):
+        # gunicorn: NoMoreData (an OSError) for a chunked body that stops, InvalidChunkSize & co. for
+        # malformed chunking; werkzeug's stream wrapper turns some of these into ClientDisconnected.
+        # Either way the request is not one Postal could have sent whole.
+        raise _BodyIncomplete from None
+
+
+def _cut_off() -> Response:
+    """Answer a body that did not arrive whole, and close the connection (its framing is lost)."""
+    if deadlines.expired(request.environ.get("gunicorn.socket")):
+        response = _text(f"request body not received within {deadlines.seconds:g} s", 408)
+    else:
+        response = _text("incomplete or malformed request body", 400)
+    response.headers["Connection"] = "close"
+    return response
 
 
 @blueprint.post("/postal/inbound")
@@ -89,6 +115,9 @@ def inbound() -> Response:
         body = _read_body(request_limit(settings.max_message_bytes))
     except _BodyTooLarge:
         return _text("message too large", 413)
+    except _BodyIncomplete:
+        log.warning("postal inbound: request body incomplete, malformed or too slow")
+        return _cut_off()
     try:
         kid = bridge.postal_keys.verify(body, request.headers)
     except SignatureError:

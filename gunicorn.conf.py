@@ -1,0 +1,46 @@
+"""gunicorn settings for the bridge: ``gunicorn -c gunicorn.conf.py wsgi:app`` (make run, the Dockerfile).
+
+Every value comes from the bridge's own settings (``bridge/settings.py``, the one place that reads
+the environment), so the web process, ``make run`` and the container agree.
+
+Why these choices:
+
+* ``worker_class``: gunicorn's threaded worker with a read deadline per request
+  (``bridge.web.server``). With the sync worker one slow client, or one delivery whose DKIM DNS
+  never answers, held a whole process: two of them blocked a two-process bridge past Postal's 5 s
+  timeout. With threads such a request holds one thread for at most BRIDGE_READ_TIMEOUT (slow
+  bodies, answered 408) or BRIDGE_DKIM_DNS_BUDGET (DNS), while the process's other threads go on.
+  Keep-alive connections (which gthread supports and sync does not) also cut the per-request cost
+  that dominates the benchmark's tail latency.
+* ``threads``: BRIDGE_WEB_THREADS (8): enough to overlap DNS, storage and Redis waits; CPU work is
+  serialised per process by the GIL, so use more processes (BRIDGE_WEB_WORKERS) for more cores.
+* ``timeout`` 60: gunicorn's heartbeat; with threads it only catches a wedged process. Postal's
+  endpoint timeout is at most 60 s, so no answer Postal still waits for is ever cut by it.
+* ``control_socket``: gunicorn 27 opens a control socket at one fixed path per user
+  (``$XDG_RUNTIME_DIR/gunicorn.ctl`` or ``~/.gunicorn/gunicorn.ctl``): a second instance on the same
+  host (the test suite, a scale-out) would take it over, and stopping one would delete the other's.
+  Each instance gets its own, named by the address it listens on, under BRIDGE_DATA_DIR/run.
+"""
+
+import sys
+from pathlib import Path
+
+from bridge.settings import Settings, SettingsError
+
+try:
+    _settings = Settings.from_env()
+except SettingsError as exc:
+    sys.exit(f"mailio-bridge: {exc}")
+
+bind = [_settings.listen]
+workers = _settings.web_workers
+worker_class = "bridge.web.server.BridgeThreadWorker"
+threads = _settings.web_threads
+timeout = 60
+graceful_timeout = 10
+keepalive = 5
+accesslog = "-"
+
+_run_dir = Path(_settings.data_dir) / "run"
+_run_dir.mkdir(parents=True, exist_ok=True)
+control_socket = str(_run_dir / f"gunicorn-{_settings.listen.replace(':', '-').replace('/', '_')}.ctl")
