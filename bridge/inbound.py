@@ -94,14 +94,55 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
     return Outcome(STORED if created else DUPLICATE, msg_id)
 
 
+#: The filing job's time limit: a batch's DNS is bounded well below it (bridge.jobs.inbound), so it
+#: fires only on a real hang, and a hung job no longer holds every job behind it for ten minutes.
+FILING_JOB_TIMEOUT = 180
+#: Seconds between a failed filing job's retries (a store or Redis that went away). Beyond these,
+#: the worker's sweeper queues filing again while stored mail waits unfiled.
+FILING_RETRY_INTERVALS = (2, 5, 15, 30, 60)
+#: Other jobs (re-screening a mailbox) read a whole mailbox: a longer limit, fewer retries.
+JOB_TIMEOUT = 600
+JOB_RETRY_INTERVALS = (10, 60, 300)
+
+
 def enqueue_filing(bridge: Bridge) -> None:
-    """Queue the batch filing job (the job ids nothing: it drains the index's unfiled set)."""
-    enqueue(bridge, "bridge.jobs.inbound.file_unfiled")
+    """Queue the batch filing job (the job ids nothing: it drains the index's unfiled set).
+
+    It is retried with backoff when it fails (needs the scheduler the worker runs), and its id is
+    noted so the worker's sweeper can tell a live filing job from a dead one.
+    """
+    job_id = enqueue(
+        bridge,
+        "bridge.jobs.inbound.file_unfiled",
+        job_timeout=FILING_JOB_TIMEOUT,
+        retry_intervals=FILING_RETRY_INTERVALS,
+    )
+    bridge.index.note_job("filing", job_id)
 
 
-def enqueue(bridge: Bridge, function: str, *ids: str) -> None:
-    """Queue a job by name with ids only (the dashboard shows arguments: never anything secret)."""
+def enqueue(
+    bridge: Bridge,
+    function: str,
+    *ids: str,
+    job_timeout: int = JOB_TIMEOUT,
+    retry_intervals: tuple[int, ...] = JOB_RETRY_INTERVALS,
+) -> str:
+    """Queue a job by name with ids only (the dashboard shows arguments: never anything secret).
+
+    Returns the job's id. Every job is idempotent, so a failed one is retried after each of
+    ``retry_intervals`` seconds.
+    """
+    from rq import Retry
+
     try:
-        bridge.queue.enqueue(function, *ids, job_timeout=600, result_ttl=60, failure_ttl=7 * 86400)
+        job = bridge.queue.enqueue(
+            function,
+            *ids,
+            job_timeout=job_timeout,
+            result_ttl=60,
+            failure_ttl=7 * 86400,
+            retry=Retry(max=len(retry_intervals), interval=list(retry_intervals)),
+        )
     except REDIS_ERRORS as exc:
         raise RedisUnavailable("redis unavailable") from exc
+    return str(job.id)

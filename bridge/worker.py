@@ -1,20 +1,139 @@
-"""The worker process: every bridge queue, with RQ's scheduler (retries with delays need it).
+"""The worker process: every bridge queue, a scheduler, and a sweeper; it outlives its dependencies.
 
 A ``SimpleWorker`` runs jobs in this process instead of forking one child per job: the jobs
 are batch jobs that benefit from warm caches (mailboxes, DNS, e-mail hashes) and a fork per
 job would cost more than most jobs. Run several worker processes to use more cores.
+
+RQ's ``work()`` gives up ("found an unhandled exception, quitting") when Redis goes away in the
+middle of a job, and its forked scheduler dies with a traceback. Here the work loop is restarted
+instead: Redis errors anywhere in RQ's loop end that loop quietly, this process logs one line,
+waits with backoff until Redis answers, and works again under a new RQ registration. Only
+SIGTERM or SIGINT stop it. A job that fails because the object store went away is an ordinary
+failed job (retried with backoff, see ``bridge.inbound.enqueue``); the process is not affected.
+
+RQ's scheduler (needed by retries with a delay) and the sweeper run in one housekeeping thread
+of this process (``bridge.jobs.sweeper``), so they come back with the process, not ten minutes
+later with RQ's maintenance. Jobs run in the main thread, where RQ's SIGALRM job timeout works.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from types import FrameType
+from typing import Any, TypeVar
 
-from rq import SimpleWorker
+import redis
+from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 
 from bridge import context
+from bridge.context import Bridge
+from bridge.errors import DependencyUnavailable
 from bridge.inbound import enqueue_filing
+from bridge.jobs.sweeper import Housekeeping, sweep
 
 log = logging.getLogger(__name__)
+
+#: Waiting for Redis: first pause, growth factor and longest pause, in seconds.
+BACKOFF_FIRST = 0.5
+BACKOFF_FACTOR = 2.0
+BACKOFF_MAX = 10.0
+
+_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_T = TypeVar("_T")
+
+
+class RedisLost(StopRequested):
+    """Redis went away under RQ's work loop. A ``StopRequested``, which RQ's loop ends on quietly."""
+
+
+def _guard(call: Callable[[], _T]) -> _T:
+    try:
+        return call()
+    except _LOST as exc:
+        raise RedisLost() from exc
+
+
+class _Queue(Queue):
+    """A queue whose blocking dequeue reports a lost Redis instead of retrying it inside RQ
+    (where it would log a line per attempt and never let the work loop end)."""
+
+    @classmethod
+    def dequeue_any(cls, *args: Any, **kwargs: Any) -> Any:
+        return _guard(lambda: super(_Queue, cls).dequeue_any(*args, **kwargs))
+
+
+class BridgeWorker(SimpleWorker):
+    """RQ's SimpleWorker, with Redis loss turned into a quiet end of ``work()`` (the caller restarts it)."""
+
+    queue_class = _Queue
+
+    def __init__(self, *args: Any, stopping: threading.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopping = stopping
+        self.redis_lost = False
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        try:
+            return super().work(*args, **kwargs)
+        except _LOST:
+            self.redis_lost = True  # while registering, before RQ's loop started
+            return False
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+        super().request_stop(signum, frame)
+
+    def _guarded(self, call: Callable[[], _T]) -> _T:
+        try:
+            return _guard(call)
+        except RedisLost:
+            self.redis_lost = True
+            raise
+
+    def execute_job(self, job: Any, queue: Queue) -> None:
+        self._guarded(lambda: super(BridgeWorker, self).execute_job(job, queue))
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        self._guarded(lambda: super(BridgeWorker, self).heartbeat(timeout, pipeline))
+
+    def check_for_suspension(self, burst: bool) -> None:
+        self._guarded(lambda: super(BridgeWorker, self).check_for_suspension(burst))
+
+    def run_maintenance_tasks(self) -> None:
+        self._guarded(lambda: super(BridgeWorker, self).run_maintenance_tasks())
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        return self._guarded(lambda: super(BridgeWorker, self).dequeue_job_and_maintain_ttl(timeout, max_idle_time))
+
+    def handle_exception(self, job: Any, *exc_info: Any) -> None:
+        # One line: the traceback stays on the job (the dashboard shows it), not in the log.
+        exc = exc_info[1]
+        log.warning("job %s (%s) failed: %s", job.id, job.func_name, type(exc).__name__)
+
+    def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
+        if isinstance(exc, _LOST):
+            time.sleep(2.0)  # the main loop notices and says so; one line is enough
+            return
+        super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
+
+    def teardown(self) -> None:
+        """RQ's teardown, step by step, each allowed to fail when Redis is gone."""
+        thread = getattr(self, "pubsub_thread", None)
+        if thread is not None:
+            thread.stop()
+            with suppress(Exception):
+                self.pubsub.unsubscribe()  # type: ignore[union-attr]
+                self.pubsub.close()  # type: ignore[union-attr]
+            thread.join(timeout=1)
+            self.pubsub_thread = None
+        with suppress(*_LOST):
+            self.register_death()
 
 
 def run_worker(*, burst: bool = False) -> int:
@@ -22,8 +141,95 @@ def run_worker(*, burst: bool = False) -> int:
     from bridge import configure_logging
 
     configure_logging(bridge.settings)
-    # Pick up whatever was stored but not filed while no worker ran (or a worker died mid-batch).
-    enqueue_filing(bridge)
-    worker = SimpleWorker([bridge.queue], connection=bridge.redis)
-    worker.work(burst=burst, with_scheduler=True, logging_level=bridge.settings.log_level)
+    # RQ's default handler lets Ctrl-C raise KeyboardInterrupt anywhere: between work loops
+    # (waiting for Redis) a signal only asks this loop to stop.
+    stopping = threading.Event()
+    _on_signals(lambda: stopping.set())
+    if burst:
+        return _burst(bridge, stopping)
+    housekeeping = Housekeeping(bridge, stopping)
+    housekeeping.start()
+    try:
+        _work_until_stopped(bridge, stopping)
+    finally:
+        stopping.set()
+        housekeeping.join(timeout=5)
+    log.info("worker stopped")
     return 0
+
+
+def _burst(bridge: Bridge, stopping: threading.Event) -> int:
+    """Sweep once (what a long-running worker's housekeeping would do), then work until the queues are empty."""
+    if not _wait_for_redis(bridge, stopping):
+        return 0
+    sweep(bridge)
+    worker = BridgeWorker([bridge.queue.name], connection=_worker_connection(bridge), stopping=stopping)
+    worker.work(burst=True, with_scheduler=True, logging_level=bridge.settings.log_level)
+    return 0
+
+
+def _work_until_stopped(bridge: Bridge, stopping: threading.Event) -> None:
+    while not stopping.is_set():
+        if not _wait_for_redis(bridge, stopping):
+            return
+        _pick_up(bridge)
+        worker = BridgeWorker([bridge.queue.name], connection=_worker_connection(bridge), stopping=stopping)
+        try:
+            worker.work(burst=False, with_scheduler=False, logging_level=bridge.settings.log_level)
+        finally:
+            # work() installs RQ's handlers; between loops ours apply again.
+            _on_signals(lambda: stopping.set())
+        if stopping.is_set():
+            return
+        if worker.redis_lost:
+            log.warning("worker: Redis went away; waiting for it (no jobs run meanwhile)")
+        else:
+            log.warning("worker: RQ's work loop ended unexpectedly; starting it again")
+            time.sleep(BACKOFF_MAX)  # RQ logged why; do not spin if it keeps ending
+
+
+def _pick_up(bridge: Bridge) -> None:
+    """Queue filing for mail stored while no worker ran, or left by a worker that was killed mid-batch.
+
+    Unconditionally, not only when no filing job looks alive: a killed worker's job still looks
+    started until its time limit passes, and a second filing job is harmless (filing is idempotent).
+    """
+    try:
+        if bridge.index.unfiled_count():
+            enqueue_filing(bridge)
+    except DependencyUnavailable:
+        pass  # Redis went away again: the work loop notices and waits
+
+
+def _worker_connection(bridge: Bridge) -> redis.Redis:
+    """RQ's own connection: RQ raises its socket timeout above its blocking dequeue's (minutes), which
+    must not apply to the jobs' connection (``bridge.redis``), where a dead Redis should fail fast."""
+    return redis.Redis.from_url(bridge.redis_url, socket_connect_timeout=2, health_check_interval=30)
+
+
+def _wait_for_redis(bridge: Bridge, stopping: threading.Event) -> bool:
+    """Block until Redis answers a PING (True) or a stop is requested (False), with backoff."""
+    pause = BACKOFF_FIRST
+    waited = False
+    while not stopping.is_set():
+        try:
+            if bridge.redis.ping():
+                if waited:
+                    log.warning("worker: Redis answers again; working")
+                return True
+        except _LOST:
+            pass
+        waited = True
+        deadline = time.monotonic() + pause
+        while time.monotonic() < deadline and not stopping.is_set():
+            time.sleep(0.1)  # short naps: a signal handler's flag is seen promptly
+        pause = min(pause * BACKOFF_FACTOR, BACKOFF_MAX)
+    return False
+
+
+def _on_signals(action: Callable[[], None]) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        action()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -16,7 +16,7 @@ from typing import Any
 
 from bridge import context
 from bridge.context import Bridge
-from bridge.mail.auth import AuthVerdict, authenticate_sender
+from bridge.jobs.auth import RECHECK_DELAYS, authenticate_records, needs_recheck, sender_key
 from bridge.mailio.identity import handshake_id
 from bridge.screening import SenderStanding, classify
 from bridge.store.messages import STATUS_FILED, STATUS_RECEIVED
@@ -24,7 +24,6 @@ from bridge.store.messages import STATUS_FILED, STATUS_RECEIVED
 log = logging.getLogger(__name__)
 
 BATCH = 500
-AUTH_CACHE_SECONDS = 300.0
 SCREENED_FOLDERS = ("inbox", "other", "spam", "handshake")
 
 
@@ -49,16 +48,60 @@ def file_unfiled() -> int:
         for address, msg_id in gone:
             bridge.index.forget_unfiled(address, msg_id)
         fresh = [r for r in records if r["status"] == STATUS_RECEIVED]
+        verdicts = authenticate_records(bridge, fresh)
         for record in fresh:
-            record["verdicts"].update(_auth(bridge, record).as_dict())
+            record["verdicts"].update(verdicts[sender_key(record)].as_dict())
         _screen(bridge, fresh)
         now = time.time()
         for record in fresh:
             record.update(status=STATUS_FILED, filed_at=now)
             bridge.messages.put_record(record)
         bridge.index.file((record, None) for record in records)
+        # After filing: a recheck that ran first would find the message not yet filed.
+        bridge.index.schedule_rechecks(
+            (r["mailbox"], r["id"], 0, now + RECHECK_DELAYS[0]) for r in fresh if needs_recheck(r["verdicts"])
+        )
         total += len(fresh)
         log.info("filed %d messages", len(fresh))
+
+
+def recheck_auth() -> int:
+    """Ask DNS again for filed messages whose SPF/DMARC was a temperror; re-screen them. Returns how many moved.
+
+    Queued by the worker's sweeper when re-evaluations are due. A message its owner moved keeps its
+    folder (its verdicts are still brought up to date); one still temperror is asked again after the
+    next of ``RECHECK_DELAYS``, and after the last it keeps the verdict it has.
+    """
+    bridge = context.current()
+    due = bridge.index.due_rechecks(time.time(), BATCH)
+    records: list[dict[str, Any]] = []
+    dropped = []
+    for address, msg_id, tries in due:
+        record = bridge.messages.get_record(address, msg_id)
+        if record is None or record.get("status") != STATUS_FILED:
+            dropped.append((address, msg_id))  # gone, or not filed (filing will authenticate it)
+            continue
+        record["auth_rechecks"] = tries + 1
+        records.append(record)
+    verdicts = authenticate_records(bridge, records, use_cache=False)
+    for record in records:
+        record["verdicts"].update(verdicts[sender_key(record)].as_dict())
+    movable = [r for r in records if r.get("folder") in SCREENED_FOLDERS and not r.get("moved_by_owner")]
+    before = {r["id"]: r.get("folder") for r in records}
+    _screen(bridge, movable)
+    for record in records:
+        bridge.messages.put_record(record)
+    bridge.index.file((record, before[record["id"]]) for record in records)
+    now = time.time()
+    again = [r for r in records if needs_recheck(r["verdicts"]) and r["auth_rechecks"] < len(RECHECK_DELAYS)]
+    bridge.index.schedule_rechecks(
+        (r["mailbox"], r["id"], r["auth_rechecks"], now + RECHECK_DELAYS[r["auth_rechecks"]]) for r in again
+    )
+    keep = {r["id"] for r in again}
+    bridge.index.drop_rechecks(dropped + [(r["mailbox"], r["id"]) for r in records if r["id"] not in keep])
+    moved = sum(1 for r in records if r.get("folder") != before[r["id"]])
+    log.info("re-evaluated SPF/DMARC of %d messages: %d moved, %d to ask again", len(records), moved, len(again))
+    return moved
 
 
 def rescreen_mailbox(address: str, handshake: str | None = None) -> int:
@@ -121,35 +164,3 @@ def _screen(bridge: Bridge, records: list[dict[str, Any]]) -> None:
             record["verdicts"]["handshake"] = standing.handshake
             record["verdicts"]["rule"] = decision.rule
             record.update(folder=decision.folder, reason=decision.reason)
-
-
-def _auth(bridge: Bridge, record: dict[str, Any]) -> AuthVerdict:
-    sender, postal, verdicts = record["sender"], record["postal"], record["verdicts"]
-    mail_from = postal.get("mail_from") or ""
-    key = (
-        sender.get("from"),
-        mail_from.rpartition("@")[2].lower(),
-        sender.get("client_ip"),
-        sender.get("helo"),
-        verdicts.get("dkim", "none"),
-        tuple(verdicts.get("dkim_domains", ())),
-    )
-    # One sender's mail from one server gets the same SPF/DMARC answer: known senders cost no DNS.
-    cache = bridge.auth_cache
-    now = time.monotonic()
-    hit = cache.get(key)
-    if hit and hit[0] > now:
-        return hit[1]
-    verdict = authenticate_sender(
-        from_address=sender.get("from") if not sender.get("problem") else None,
-        client_ip=sender.get("client_ip"),
-        helo=sender.get("helo"),
-        mail_from=mail_from,
-        dkim_result=verdicts.get("dkim", "none"),
-        dkim_domains=tuple(verdicts.get("dkim_domains", ())),
-        resolver=bridge.resolver,
-    )
-    if len(cache) > 100_000:
-        cache.clear()
-    cache[key] = (now + AUTH_CACHE_SECONDS, verdict)
-    return verdict

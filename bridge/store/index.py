@@ -7,6 +7,10 @@ mail. Keys (all under ``bridge:``)::
     rec:<address>            hash: message id -> the message record as stored (JSON)
     inbound:unfiled          sorted set: "<address>/<id>" -> received time; the filing job's work
     inbound:drain            flag: a filing job is queued or running
+    jobs:<name>              the RQ id of the latest job of a kind queued (the sweeper checks it is alive)
+    inbound:recheck          sorted set: "<address>/<id>" -> when to ask DNS again (SPF/DMARC temperror)
+    inbound:recheck-tries    hash: "<address>/<id>" -> how many re-evaluations already ran
+    epoch                    set once by the worker's sweeper; absent means Redis lost its data
 
 The inbound request path talks to Redis once (``note_received``); filing happens in batches in
 the worker, because one RQ job per message costs more than the whole request.
@@ -27,6 +31,12 @@ PREFIX = "bridge:"
 UNFILED = PREFIX + "inbound:unfiled"
 DRAIN_FLAG = PREFIX + "inbound:drain"
 DRAIN_FLAG_SECONDS = 120
+JOB_IDS = PREFIX + "jobs:"
+FILING = "filing"
+RECHECK = PREFIX + "inbound:recheck"
+RECHECK_TRIES = PREFIX + "inbound:recheck-tries"
+EPOCH = PREFIX + "epoch"
+REBUILD_LOCK = PREFIX + "rebuild-lock"
 
 REDIS_ERRORS = (
     redis.exceptions.ConnectionError,
@@ -128,9 +138,102 @@ class MailIndex:
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
 
+    def unfiled_count(self) -> int:
+        try:
+            return int(self._redis.zcard(UNFILED))
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    def note_job(self, name: str, job_id: str) -> None:
+        """Remember the latest job of a kind; for filing, hold the drain flag too (deliveries then queue none)."""
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(JOB_IDS + name, job_id, ex=7 * 86400)
+            if name == FILING:
+                pipe.set(DRAIN_FLAG, "1", ex=DRAIN_FLAG_SECONDS)
+            pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    def noted_job(self, name: str) -> str | None:
+        try:
+            value = self._redis.get(JOB_IDS + name)
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return as_text(value) if value is not None else None
+
     def forget_unfiled(self, address: str, msg_id: str) -> None:
         try:
             self._redis.zrem(UNFILED, f"{address}/{msg_id}")
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    # --- SPF/DMARC verdicts to ask DNS for again (temperror) ---------------------------------
+
+    def schedule_rechecks(self, items: Iterable[tuple[str, str, int, float]]) -> None:
+        """(address, id, re-evaluations done so far, when the next is due), in one round trip."""
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for address, msg_id, tries, due in items:
+                member = f"{address}/{msg_id}"
+                pipe.zadd(RECHECK, {member: due})
+                pipe.hset(RECHECK_TRIES, member, tries)
+            pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    def due_rechecks(self, now: float, limit: int) -> list[tuple[str, str, int]]:
+        """Messages whose re-evaluation is due: (address, id, re-evaluations done so far), oldest first."""
+        try:
+            members: list[Any] = list(self._redis.zrangebyscore(RECHECK, "-inf", now, start=0, num=limit))
+            tries = self._redis.hmget(RECHECK_TRIES, members) if members else []
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        due = []
+        for member, count in zip(members, tries, strict=True):
+            address, _, msg_id = as_text(member).partition("/")
+            due.append((address, msg_id, int(count or 0)))
+        return due
+
+    def drop_rechecks(self, pairs: Iterable[tuple[str, str]]) -> None:
+        members = [f"{address}/{msg_id}" for address, msg_id in pairs]
+        if not members:
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zrem(RECHECK, *members)
+            pipe.hdel(RECHECK_TRIES, *members)
+            pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    # --- noticing that Redis lost its data ------------------------------------------------------
+
+    def epoch(self) -> str | None:
+        """The marker the sweeper sets after a complete index; None when Redis lost it (or is new)."""
+        try:
+            value = self._redis.get(EPOCH)
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return as_text(value) if value is not None else None
+
+    def set_epoch(self, value: str) -> None:
+        try:
+            self._redis.set(EPOCH, value)
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    def take_rebuild_lock(self, owner: str, seconds: int) -> bool:
+        """One process rebuilds at a time; the lock expires on its own if that process dies."""
+        try:
+            return bool(self._redis.set(REBUILD_LOCK, owner, nx=True, ex=seconds))
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+    def release_rebuild_lock(self, owner: str) -> None:
+        try:
+            if self._redis.get(REBUILD_LOCK) == owner.encode():
+                self._redis.delete(REBUILD_LOCK)
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
 

@@ -1,0 +1,151 @@
+"""The worker's housekeeping: RQ's scheduler, and a sweeper that keeps stored mail from waiting forever.
+
+Filing is driven by deliveries (each one queues a filing job when none is queued). That alone
+stalls when a filing job dies (its worker was killed, its retries ran out on a read-only store)
+while its drain flag still says "queued", or when Redis lost everything (nothing queued, nothing
+indexed, yet the object store holds mail). The sweeper, every ``SWEEP_SECONDS`` in every worker
+process, repairs both without a new delivery and without an operator:
+
+* ``bridge:epoch`` absent means Redis is new or lost its data: rebuild the index from the object
+  store (``bridge.maintenance.rebuild_index``, which also queues unfiled mail), one process at a
+  time, then set the marker;
+* stored-but-unfiled mail and no filing job alive (none noted, or the noted one finished, failed,
+  vanished, or started longer ago than its time limit allows) -> queue filing;
+* SPF/DMARC re-evaluations due and no re-evaluation job alive -> queue one.
+
+RQ's own scheduler (it moves retries whose delay has passed back into the queue) runs in the same
+thread: RQ's forked scheduler process dies with a traceback when Redis goes away and is only
+restarted by RQ's maintenance, minutes later.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.scheduler import RQScheduler
+
+from bridge.context import Bridge
+from bridge.errors import DependencyUnavailable
+from bridge.inbound import enqueue, enqueue_filing
+from bridge.maintenance import rebuild_index
+from bridge.store.index import FILING, REDIS_ERRORS
+from bridge.store.objects import StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 10.0
+SCHEDULE_SECONDS = 1.0
+REBUILD_LOCK_SECONDS = 900
+#: A started job is taken for dead this long after its time limit should have stopped it.
+STARTED_GRACE_SECONDS = 30
+RECHECK = "recheck"
+RECHECK_JOB = "bridge.jobs.inbound.recheck_auth"
+RECHECK_JOB_TIMEOUT = 180
+
+_ALIVE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+
+
+def sweep(bridge: Bridge) -> list[str]:
+    """One pass; returns what it did ("rebuilt", "filing", "recheck"). Raises when Redis is down."""
+    done = []
+    if bridge.index.epoch() is None:
+        owner = uuid.uuid4().hex
+        if bridge.index.take_rebuild_lock(owner, REBUILD_LOCK_SECONDS):
+            try:
+                counts = rebuild_index(bridge)
+                bridge.index.set_epoch(datetime.now(UTC).isoformat())
+            finally:
+                bridge.index.release_rebuild_lock(owner)
+            log.warning(
+                "sweeper: Redis had no index (new, or it lost its data): rebuilt it from the object store "
+                "(%d mailboxes, %d messages listed, %d queued for filing)",
+                counts["mailboxes"],
+                counts["filed"],
+                counts["queued_for_filing"],
+            )
+            done.append("rebuilt")
+    waiting = bridge.index.unfiled_count()
+    if waiting and not job_alive(bridge, bridge.index.noted_job(FILING)):
+        enqueue_filing(bridge)
+        log.warning("sweeper: %d stored messages wait unfiled and no filing job is alive: queued one", waiting)
+        done.append("filing")
+    if bridge.index.due_rechecks(time.time(), 1) and not job_alive(bridge, bridge.index.noted_job(RECHECK)):
+        bridge.index.note_job(RECHECK, enqueue(bridge, RECHECK_JOB, job_timeout=RECHECK_JOB_TIMEOUT))
+        done.append("recheck")
+    return done
+
+
+def job_alive(bridge: Bridge, job_id: str | None) -> bool:
+    """Whether a job will still run or finish: queued, waiting for a retry, or started recently enough."""
+    if job_id is None:
+        return False
+    try:
+        job = Job.fetch(job_id, connection=bridge.redis)
+    except NoSuchJobError:
+        return False
+    status = job.get_status(refresh=False)
+    if status in _ALIVE:
+        return True
+    if status == JobStatus.STARTED:
+        if job.started_at is None:
+            return True
+        started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=UTC)
+        limit = (job.timeout or 0) + STARTED_GRACE_SECONDS
+        # Past its time limit a started job is dead: its worker was killed (a live one would have
+        # stopped it with JobTimeoutException, and RQ would have marked it failed or retrying).
+        return (datetime.now(UTC) - started).total_seconds() < limit
+    return False
+
+
+class Housekeeping(threading.Thread):
+    """Runs RQ's scheduler every second and the sweeper every ``SWEEP_SECONDS`` until ``stopping``."""
+
+    def __init__(self, bridge: Bridge, stopping: threading.Event) -> None:
+        super().__init__(name="bridge-housekeeping", daemon=True)
+        self.bridge = bridge
+        self.stopping = stopping
+        self.scheduler = RQScheduler([bridge.queue.name], connection=bridge.redis)
+        self._trouble: str | None = None
+
+    def run(self) -> None:
+        next_sweep = 0.0
+        while not self.stopping.is_set():
+            self._quietly("scheduler", self._schedule)
+            if time.monotonic() >= next_sweep:
+                self._quietly("sweeper", lambda: sweep(self.bridge))
+                next_sweep = time.monotonic() + SWEEP_SECONDS
+            self.stopping.wait(SCHEDULE_SECONDS)
+        try:
+            self.scheduler.release_locks()
+        except REDIS_ERRORS:
+            pass
+
+    def _schedule(self) -> None:
+        # Locks (one scheduler per queue across all workers) are taken or refreshed every tick;
+        # they expire a minute after a worker that held them dies.
+        self.scheduler.acquire_locks()
+        if self.scheduler.acquired_locks:
+            self.scheduler.enqueue_scheduled_jobs()
+
+    def _quietly(self, what: str, step: Callable[[], object]) -> None:
+        """Run one step; a dependency being down is said once (the worker's main loop says more)."""
+        try:
+            step()
+        except (*REDIS_ERRORS, DependencyUnavailable, StorageUnavailable) as exc:
+            if self._trouble is None:
+                log.warning("%s: paused, %s", what, type(exc).__name__)
+            self._trouble = what
+            return
+        except Exception as exc:  # a bug must not end the thread that keeps mail moving
+            log.error("%s: unexpected %s", what, type(exc).__name__)
+            return
+        if self._trouble == what:
+            log.info("%s: working again", what)
+            self._trouble = None
