@@ -3,7 +3,9 @@
 wrk runs for a time, not a count, and leaves requests in flight when it stops; the end-to-end
 measurement needs exactly N deliveries so that "all N filed" is well defined. Run as its own
 process (``python -m bench.drive``) so it does not share an interpreter with the measurer. It
-prints one JSON line: wall-clock start, time of the last 2xx, and the counts.
+prints one JSON line: wall-clock start, time of the last 2xx, the counts, and each answered
+request's latency in ms (the hostile mix's hostile side: few, slow requests, each waited for to the
+end, which wrk would drop when its run ends).
 
 It must never send more than N requests, never retry, and only talk to the 127.0.0.1 URL it is given.
 """
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lock = threading.Lock()
     state = {"next": 0, "ok": 0, "non2xx": 0, "errors": 0, "last_ok": 0.0}
+    latencies: list[float] = []
     start = time.time()
     stop_at = time.monotonic() + args.deadline
 
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                     return
                 state["next"] = i + 1
             body, headers = deliveries[i]
+            sent = time.perf_counter()
             conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
             try:
                 conn.request("POST", target.path or "/", body=body, headers=headers)
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 conn.close()
             now = time.time()
             with lock:
+                if status > 0:
+                    latencies.append((time.perf_counter() - sent) * 1000)
                 if 200 <= status < 300:
                     state["ok"] += 1
                     state["last_ok"] = max(state["last_ok"], now)
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         worker.start()
     for worker in workers:
         worker.join()
-    print(json.dumps({"start": start, "end": time.time(), "sent": state["next"], **state}), flush=True)
+    summary = {"start": start, "end": time.time(), "sent": state["next"], **state}
+    print(json.dumps({**summary, "exhausted": state["next"] >= len(deliveries), "latencies_ms": latencies}), flush=True)
     return 0
 
 

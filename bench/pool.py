@@ -24,7 +24,7 @@ from pathlib import Path
 from tests.postal_sim import PostalSigner, new_message, raw_payload, ruby_json
 
 MESSAGE_BYTES = 20 * 1024
-_MARK = b"BENCHID0000000000"  # fixed width, replaced by each delivery's own number
+MARK = b"BENCHID0000000000"  # fixed width, replaced by each delivery's own number
 _WORDS = (
     "order shipment invoice meeting tomorrow report quarterly thanks regards please attached "
     "update project budget review customer support ticket delivery schedule the a of and to in "
@@ -39,6 +39,8 @@ class Pool:
     directory: Path
     count: int
     rcpt_to: str
+    template: bytes = b""  # the message each delivery numbers (b"": message_template())
+    numbers_from: int = 0  # delivery i is number numbers_from + i (Postal id, Message-ID, mark)
 
     @property
     def index(self) -> Path:
@@ -90,7 +92,7 @@ def message_template(size: int = MESSAGE_BYTES, seed: int = 20) -> bytes:
 
     text = prose(size // 2 - 600)
     html = "<html><body><p>" + prose(size // 2 - 900).replace("\n", "</p>\n<p>") + "</p></body></html>\n"
-    mark = _MARK.decode()
+    mark = MARK.decode()
     return new_message(
         subject=f"Order {mark} shipped",
         to="Acme Support <support@example.com>",
@@ -119,7 +121,8 @@ def encode_delivery(message: bytes, postal_id: int, rcpt_to: str, *, exact: bool
 
 def delivery_body(number: int, template: bytes, rcpt_to: str, *, exact: bool = False) -> bytes:
     """Delivery ``number`` of the pool: its own Postal id, Message-ID and subject."""
-    message = template.replace(_MARK, f"BENCH{number:012d}".encode())
+    mark = f"BENCH{number:012d}".encode()
+    message = template.replace(MARK, mark).replace(MARK.lower(), mark.lower())
     return encode_delivery(message, 1_000_000 + number, rcpt_to, exact=exact)
 
 
@@ -134,13 +137,29 @@ def _build(job: tuple[int, bytes, str]) -> tuple[bytes, str]:
     return body, f"{headers['X-Postal-Signature-KID']} {headers['X-Postal-Signature-256']}"
 
 
-def build_pool(directory: Path, signer: PostalSigner, count: int, rcpt_to: str, *, processes: int = 2) -> Pool:
-    """Write ``count`` signed deliveries to ``directory`` (two processes; ~1.5 ms per body here)."""
+def build_pool(
+    directory: Path,
+    signer: PostalSigner,
+    count: int,
+    rcpt_to: str,
+    *,
+    template: bytes = b"",
+    numbers_from: int = 0,
+    processes: int = 2,
+) -> Pool:
+    """Write ``count`` signed deliveries to ``directory`` (two processes; ~1.5 ms per body here).
+
+    ``template`` is the message to number (its ``MARK`` replaced per delivery); by default
+    ``message_template()``. A DKIM-signed template keeps its signatures valid as long as the mark
+    appears only in headers the signatures do not cover (bench/dnslab.py). Two pools of one template
+    posted to one bridge need apart ``numbers_from`` (else their deliveries are the same ones)."""
     directory.mkdir(parents=True, exist_ok=True)
-    template = message_template()
+    template = template or message_template()
+    if MARK not in template and MARK.lower() not in template:
+        raise ValueError("bench pool: the template has no mark to number deliveries by")
     if delivery_body(0, template, rcpt_to) != delivery_body(0, template, rcpt_to, exact=True):
         raise RuntimeError("bench pool: the fast JSON path differs from ruby_json")
-    pool = Pool(directory, 0, rcpt_to)
+    pool = Pool(directory, 0, rcpt_to, template, numbers_from)
     return extend_pool(pool, signer, count, processes=processes)
 
 
@@ -150,8 +169,9 @@ def extend_pool(pool: Pool, signer: PostalSigner, count: int, *, processes: int 
         return pool
     global _signer
     _signer = signer
-    template = message_template()
-    jobs = ((n, template, pool.rcpt_to) for n in range(pool.count, count))
+    template = pool.template or message_template()
+    first = pool.numbers_from
+    jobs = ((first + n, template, pool.rcpt_to) for n in range(pool.count, count))
     offset = pool.bodies.stat().st_size if pool.bodies.exists() else 0
     context = multiprocessing.get_context("fork")
     try:
@@ -166,7 +186,7 @@ def extend_pool(pool: Pool, signer: PostalSigner, count: int, *, processes: int 
                 offset += len(body)
     finally:
         _signer = None
-    return Pool(pool.directory, count, pool.rcpt_to)
+    return Pool(pool.directory, count, pool.rcpt_to, pool.template, pool.numbers_from)
 
 
 def big_message(total: int, seed: int = 25) -> bytes:

@@ -16,11 +16,17 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.servers import LOOPBACK, free_port, http_status, log_tail, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).resolve().parent / "post.lua"
+#: The deployment's gunicorn settings (make run, the Dockerfile). When the tree has it, every gunicorn
+#: here runs from it, as deployed (worker class, threads, keep-alive, access log); BRIDGE_LISTEN and
+#: BRIDGE_WEB_WORKERS in the environment (and the same flags) set the port and process count. Without
+#: it, the flags the deployment used before: sync workers.
+CONF = ROOT / "gunicorn.conf.py"
 
 
 class BenchError(RuntimeError):
@@ -28,14 +34,15 @@ class BenchError(RuntimeError):
 
 
 class Gunicorn:
-    """One gunicorn master with ``workers`` sync workers serving ``app`` (``wsgi:app`` or ``bench.bare:app``)."""
+    """One gunicorn master with ``workers`` worker processes serving ``app`` (``wsgi:app`` or
+    ``bench.bare:app``): from gunicorn.conf.py when the tree has one, else sync workers by flags."""
 
     def __init__(self, name: str, app: str, env: dict[str, str], log_dir: Path, *, workers: int) -> None:
         self.name = name
         self.app = app
-        self.env = env
         self.workers = workers
         self.port = free_port()
+        self.env = dict(env, BRIDGE_LISTEN=f"{LOOPBACK}:{self.port}", BRIDGE_WEB_WORKERS=str(workers))
         self.log = log_dir / f"gunicorn-{name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -50,24 +57,12 @@ class Gunicorn:
         return self._proc.pid
 
     def start(self, timeout: float = 60.0) -> Gunicorn:
-        command = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--workers",
-            str(self.workers),
-            "--worker-class",
-            "sync",
-            "--bind",
-            f"{LOOPBACK}:{self.port}",
-            "--timeout",
-            "120",
-            "--graceful-timeout",
-            "5",
-            "--log-level",
-            "warning",
-            self.app,
-        ]
+        command = [sys.executable, "-m", "gunicorn", "--workers", str(self.workers)]
+        if CONF.exists():
+            command += ["-c", str(CONF)]
+        else:
+            command += ["--worker-class", "sync", "--timeout", "120", "--graceful-timeout", "5"]
+        command += ["--bind", f"{LOOPBACK}:{self.port}", "--log-level", "warning", self.app]
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen(
                 command, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
@@ -118,6 +113,26 @@ class BridgeWorker:
     def stop(self) -> None:
         stop_process(self._proc, timeout=15)
         self._proc = None
+
+
+def server_shape(env: dict[str, str]) -> dict[str, Any]:
+    """How the benchmark's gunicorns run: gunicorn.conf.py's worker class, threads, timeouts and
+    keep-alive read under ``env`` (in a child process: the file reads the environment), or the flags."""
+    if not CONF.exists():
+        return {"conf": None, "worker_class": "sync", "threads": 1, "timeout": 120, "keepalive": None}
+    names = ("worker_class", "threads", "timeout", "keepalive", "accesslog")
+    code = (
+        "import json, runpy, sys; g = runpy.run_path(sys.argv[1]); "
+        f"print(json.dumps({{k: g.get(k) for k in {names!r}}}, default=str))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(CONF)], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise BenchError(f"{CONF.name} does not load: {result.stderr.strip()[-500:]}")
+    shape: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    shape["conf"] = CONF.name
+    return shape
 
 
 def children(pid: int) -> list[int]:
@@ -175,6 +190,7 @@ def wrk(
     seconds: float,
     threads: int = 2,
     connections: int = 8,
+    timeout: float = 10.0,
 ) -> dict[str, float]:
     """One wrk run posting pool deliveries; returns post.lua's summary (latencies in microseconds)."""
     binary = shutil.which("wrk")
@@ -186,7 +202,7 @@ def wrk(
         f"-c{connections}",
         f"-d{max(1, round(seconds))}s",
         "--timeout",
-        "10s",
+        f"{timeout:.0f}s",
         "--latency",
         "-s",
         str(LUA),
@@ -198,7 +214,9 @@ def wrk(
         str(threads),
         mode,
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=seconds + timeout + 60, check=False
+    )
     for line in result.stdout.splitlines():
         if line.startswith("BENCH "):
             summary: dict[str, float] = json.loads(line[len("BENCH ") :])
