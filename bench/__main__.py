@@ -1,14 +1,18 @@
 """``make bench`` (``python -m bench``): the inbound path against a bare baseline, in one run.
 
-1. Throughput and latency: gunicorn (4 sync workers) serving the full bridge (fsync on, and off) and
-   bench/bare.py, loaded by wrk with signed 20 KB deliveries, interleaved bare/full/full-nofsync runs.
+1. Throughput and latency: gunicorn (4 worker processes, from gunicorn.conf.py when the tree has it)
+   serving the full bridge (fsync on, and off; and fsync on with DKIM-signed messages, the key in Knot)
+   and bench/bare.py, loaded by wrk with Postal-signed 20 KB deliveries, interleaved runs.
 2. End to end: one gunicorn worker and one ``python -m bridge worker``; N unique deliveries; time
    until the last 2xx (accepted) and until all N are listed in the folder index (filed).
 3. Memory: one 25 MB message to a gunicorn with one sync worker; that worker's peak RSS growth.
 4. Where the time goes: each stage of the request path, timed in-process.
 5. Screening (bench/screening.py): the filing job in-process against a Knot DNS server, known vs
    first-time senders (scrypt runs counted), then end to end with screening on.
-Plus one experiment in section 1: the full bridge (fsync on) and bare under ``--workers 8``.
+7. Hostile mix: normal deliveries (wrk, 8 connections) while 1 or 3 more connections post deliveries with
+   five DKIM-Signature headers for names in a zone whose DNS never answers (bench/dnslab.py), against the
+   same bridge with no hostile connection, interleaved; the hostile requests' own latency too.
+Optionally one experiment in section 1 (``--experiment-workers N``): full and bare under N processes.
 
 Prints a table and writes it to bench/RESULTS.md. A benchmark, not a test: no timing is asserted;
 it exits non-zero only when something broke (a server did not start, a non-2xx answer, socket errors).
@@ -38,6 +42,7 @@ from typing import Any
 import redis
 
 from bench import procs, report, screening
+from bench.dnslab import DnsLab
 from bench.pool import Pool, big_message, build_pool, encode_delivery, extend_pool
 from bench.procs import BenchError, BridgeWorker, Gunicorn
 from bench.screening import ScreeningConfig
@@ -56,7 +61,13 @@ BIG_MESSAGE_BYTES = 25 * 1024 * 1024
 THREADS, CONNECTIONS = 2, 8
 BRIDGE_APP = "wsgi:app"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SECTIONS = ("load", "e2e", "memory", "where", "screening")
+SECTIONS = ("load", "hostile", "e2e", "memory", "where", "screening")
+# The pools (bench/pool.py, bench/dnslab.py). CONTROL holds plain messages numbered apart from PLAIN's, for
+# the hostile mix's extra connections when they are not hostile (both pools go to one bridge there).
+PLAIN, SIGNED, HOSTILE, FRESH, CONTROL = "plain", "signed", "hostile", "fresh", "control"
+CONTROL_NUMBERS = 5_000_000
+HOSTILE_SHARES = (1, 3)  # extra connections beside the 8 normal ones: 1 of 9, 3 of 11
+HOSTILE_TIMEOUT = 30.0  # seconds wrk and the hostile driver wait for one answer in the mix
 
 
 @dataclass
@@ -70,6 +81,7 @@ class Config:
     stage_runs: int
     nofsync: bool
     write_results: bool
+    hostile_repeats: int = 2
     only: tuple[str, ...] = ()
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
 
@@ -81,8 +93,10 @@ class Run:
     config: Config
     started: datetime
     machine: dict[str, str] = field(default_factory=dict)
+    server: dict[str, Any] = field(default_factory=dict)  # how gunicorn ran (procs.server_shape)
     load: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     pool_size: int = 0
+    hostile: dict[str, Any] = field(default_factory=dict)
     e2e: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
     stages: list[Any] = field(default_factory=list)
@@ -94,7 +108,7 @@ class Run:
 
 
 class Bench:
-    """Holds the run's temporary directory, private Redis, Postal key, mailbox keys and pool."""
+    """Holds the run's temporary directory, private Redis, Postal key, mailbox keys, pools and DNS lab."""
 
     def __init__(self, tmp: Path, config: Config) -> None:
         self.tmp = tmp
@@ -104,10 +118,16 @@ class Bench:
         self.pem = tmp / "postal-signing.pem"
         self.pem.write_bytes(self.signer.public_pem())
         self.owner: UserKeys = generate_user_keys()
-        self.pool: Pool | None = None
+        self.pools: dict[str, Pool] = {}
+        self.lab: DnsLab | None = None
         self._databases = 0
         self.log_dir = tmp / "logs"
         self.log_dir.mkdir()
+
+    @property
+    def pool(self) -> Pool | None:
+        """The plain pool (unsigned 20 KB messages): most sections use only that one."""
+        return self.pools.get(PLAIN)
 
     def env(
         self, name: str, *, fsync: bool, root: Path | None = None, extra: dict[str, str] | None = None
@@ -130,20 +150,98 @@ class Bench:
         bridge.mailboxes.add(EMAIL, self.owner.ed25519_public, self.owner.x25519_public)
         return env
 
-    def bare_env(self) -> dict[str, str]:
-        return {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "AWS_"))}
+    def bare_env(self, name: str = "bare") -> dict[str, str]:
+        """The bare app's environment: no bridge settings but what gunicorn.conf.py needs to load."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "AWS_"))}
+        env.update(BRIDGE_DOMAIN=DOMAIN, BRIDGE_DATA_DIR=str(self.tmp / name))
+        return env
+
+    def dns(self) -> DnsLab:
+        """Knot with the DKIM key and the dead zone (started on first use, stopped by main)."""
+        if self.lab is None:
+            self.lab = DnsLab(self.tmp / "knot").start()
+        return self.lab
 
     def address(self, env: dict[str, str]) -> str:
         mailbox = Bridge(Settings.from_env(env)).mailboxes.resolve(EMAIL)
         assert mailbox is not None
         return mailbox.address
 
-    def ensure_pool(self, count: int) -> Pool:
-        if self.pool is None:
-            self.pool = build_pool(self.tmp / "pool", self.signer, count, EMAIL)
-        elif count > self.pool.count:
-            self.pool = extend_pool(self.pool, self.signer, count)
-        return self.pool
+    def ensure_pool(self, count: int, kind: str = PLAIN) -> Pool:
+        """The ``kind`` pool (plain, signed, hostile, fresh or control) with at least ``count`` deliveries."""
+        pool = self.pools.get(kind)
+        if pool is None:
+            template = b""
+            if kind == SIGNED:
+                template = self.dns().signed_template()
+            elif kind in (HOSTILE, FRESH):
+                template = self.dns().hostile_template(fresh=kind == FRESH)
+            directory = self.tmp / ("pool" if kind == PLAIN else f"pool-{kind}")
+            numbers_from = CONTROL_NUMBERS if kind == CONTROL else 0
+            pool = build_pool(directory, self.signer, count, EMAIL, template=template, numbers_from=numbers_from)
+        elif count > pool.count:
+            pool = extend_pool(pool, self.signer, count)
+        self.pools[kind] = pool
+        return pool
+
+    def close(self) -> None:
+        if self.lab is not None:
+            self.lab.stop()
+            self.lab = None
+
+
+@dataclass
+class Target:
+    """One gunicorn under load and the pool it posts: ``kind`` None for the bare app (cycles the plain
+    pool: it stores nothing), else every request a new delivery of that pool from ``cursor`` on."""
+
+    server: Gunicorn
+    kind: str | None
+    cursor: int = 0
+
+
+class Loader:
+    """Runs wrk against targets, sizing each pool before each run from the fastest rate seen on it."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.fastest: dict[str, float] = {}  # req/s of the fastest run so far, per pool kind
+
+    def probe(self, target: Target) -> None:
+        if target.kind is not None:
+            target.cursor = _probe(target.server, self.bench.ensure_pool(1, target.kind))
+
+    def pool_for(self, target: Target, seconds: float, connections: int) -> Pool:
+        if target.kind is None:
+            return self.bench.ensure_pool(1)
+        # Enough unique deliveries for this run even at twice the fastest rate seen; building more
+        # between runs (~1.5 ms each) keeps the pool small when the bridge is slow.
+        fastest = self.fastest.get(target.kind, 50.0 * connections)
+        return self.bench.ensure_pool(target.cursor + int(fastest * seconds * 2) + 300, target.kind)
+
+    def run(
+        self, target: Target, seconds: float, *, connections: int = CONNECTIONS, timeout: float = 10.0
+    ) -> dict[str, float]:
+        pool = self.pool_for(target, seconds, connections)
+        server = target.server
+        pids = [server.pid, *server.worker_pids()]
+        cpu_before = procs.cpu_seconds(pids)
+        result = procs.wrk(
+            server.url,
+            pool_index=pool.index,
+            pool_bodies=pool.bodies,
+            first=target.cursor,
+            mode="cycle" if target.kind is None else "unique",
+            seconds=seconds,
+            threads=THREADS,
+            connections=connections,
+            timeout=timeout,
+        )
+        result["server_cpu_ms"] = (procs.cpu_seconds(pids) - cpu_before) * 1000 / max(1, result["requests"])
+        if target.kind is not None:
+            target.cursor += int(result["sent_per_thread"]) * THREADS
+            self.fastest[target.kind] = max(self.fastest.get(target.kind, 0.0), report.rate(result))
+        return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,72 +250,46 @@ class Bench:
 
 def measure_load(bench: Bench, run: Run) -> None:
     config = bench.config
-    targets: dict[str, Gunicorn] = {
-        "bare": Gunicorn("bare", "bench.bare:app", bench.bare_env(), bench.log_dir, workers=config.web_workers),
-        "full": Gunicorn(
-            "full", BRIDGE_APP, bench.env("load-fsync", fsync=True), bench.log_dir, workers=config.web_workers
+    workers = config.web_workers
+    knot = {"BRIDGE_DNS_NAMESERVERS": bench.dns().knot_nameserver}
+    targets: dict[str, Target] = {
+        "bare": Target(Gunicorn("bare", "bench.bare:app", bench.bare_env(), bench.log_dir, workers=workers), None),
+        "full": Target(
+            Gunicorn("full", BRIDGE_APP, bench.env("load-fsync", fsync=True), bench.log_dir, workers=workers), PLAIN
         ),
     }
     if config.nofsync:
-        targets["full-nofsync"] = Gunicorn(
-            "full-nofsync",
-            BRIDGE_APP,
-            bench.env("load-nofsync", fsync=False),
-            bench.log_dir,
-            workers=config.web_workers,
+        env = bench.env("load-nofsync", fsync=False)
+        targets["full-nofsync"] = Target(
+            Gunicorn("full-nofsync", BRIDGE_APP, env, bench.log_dir, workers=workers), PLAIN
         )
+    # Most real mail is DKIM-signed: the same bridge (fsync on) verifying one real signature per message.
+    env = bench.env("load-signed", fsync=True, extra=knot)
+    targets["full-signed"] = Target(Gunicorn("full-signed", BRIDGE_APP, env, bench.log_dir, workers=workers), SIGNED)
     if config.experiment_workers:
-        # The experiment (one extra row): more sync workers may overlap more fsyncs. Same settings otherwise.
+        # The experiment (one extra row): more worker processes. Same settings otherwise.
         n = config.experiment_workers
-        targets[f"bare-w{n}"] = Gunicorn(f"bare-w{n}", "bench.bare:app", bench.bare_env(), bench.log_dir, workers=n)
-        targets[f"full-w{n}"] = Gunicorn(
-            f"full-w{n}", BRIDGE_APP, bench.env(f"load-fsync-w{n}", fsync=True), bench.log_dir, workers=n
-        )
-    cursors = dict.fromkeys(targets, 0)
+        bare_n = Gunicorn(f"bare-w{n}", "bench.bare:app", bench.bare_env(f"bare-w{n}"), bench.log_dir, workers=n)
+        env = bench.env(f"load-fsync-w{n}", fsync=True)
+        targets[f"bare-w{n}"] = Target(bare_n, None)
+        targets[f"full-w{n}"] = Target(Gunicorn(f"full-w{n}", BRIDGE_APP, env, bench.log_dir, workers=n), PLAIN)
+    loader = Loader(bench)
     try:
-        for server in targets.values():
-            server.start()
-        for name in targets:
-            if not name.startswith("bare"):
-                cursors[name] = _probe(targets[name], bench.ensure_pool(1))
-
-        fastest = [400.0]  # req/s of the fastest bridge run so far: sizes the pool before each run
-
-        def once(name: str, seconds: float) -> dict[str, float]:
-            unique = not name.startswith("bare")
-            # Enough unique deliveries for this run even at twice the fastest rate seen; building more
-            # between runs (~1.5 ms each) keeps the pool small when the bridge is slow.
-            pool = bench.ensure_pool(cursors[name] + int(fastest[0] * seconds * 2) + 300 if unique else 1)
-            server = targets[name]
-            pids = [server.pid, *server.worker_pids()]
-            cpu_before = procs.cpu_seconds(pids)
-            result = procs.wrk(
-                targets[name].url,
-                pool_index=pool.index,
-                pool_bodies=pool.bodies,
-                first=cursors[name] if unique else 0,
-                mode="unique" if unique else "cycle",
-                seconds=seconds,
-                threads=THREADS,
-                connections=CONNECTIONS,
-            )
-            result["server_cpu_ms"] = (procs.cpu_seconds(pids) - cpu_before) * 1000 / max(1, result["requests"])
-            if unique:
-                cursors[name] += int(result["sent_per_thread"]) * THREADS
-                fastest[0] = max(fastest[0], report.rate(result))
-            return result
-
+        for target in targets.values():
+            target.server.start()
+        for target in targets.values():
+            loader.probe(target)
         # Warm-up: every worker imports the app lazily and fills its caches on its first requests.
-        for name in targets:
-            once(name, config.warm_up)
+        for target in targets.values():
+            loader.run(target, config.warm_up)
         for repeat in range(config.repeats):
-            for name in targets:
-                result = once(name, config.seconds)
+            for name, target in targets.items():
+                result = loader.run(target, config.seconds)
                 run.load.setdefault(name, []).append(result)
                 print(f"  run {repeat + 1}/{config.repeats} {name:13s} {report.load_line(result)}", flush=True)
     finally:
-        for server in targets.values():
-            server.stop()
+        for target in targets.values():
+            target.server.stop()
     run.pool_size = bench.pool.count if bench.pool else 0
     for name, results in run.load.items():
         for result in results:
@@ -239,6 +311,110 @@ def _probe(server: Gunicorn, pool: Pool) -> int:
             f"{log_tail(server.log, 8)}"
         )
     return 1
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. hostile mix: DKIM for DNS that never answers
+
+
+def measure_hostile(bench: Bench, run: Run) -> None:
+    """Normal deliveries (wrk, 8 connections, the plain pool) against one bridge while 1 or 3 more
+    connections (bench/drive.py) post deliveries whose five DKIM signatures point into the dead zone
+    (hostile) or into dead domains of their own (fresh), against the same extra connections posting
+    plain deliveries (the control: same concurrency)."""
+    config = bench.config
+    lab = bench.dns()
+    assert lab.resolver is not None
+    env = bench.env("hostile", fsync=True, extra={"BRIDGE_DNS_NAMESERVERS": lab.resolver.nameserver})
+    server = Gunicorn("hostile", BRIDGE_APP, env, bench.log_dir, workers=config.web_workers)
+    normal = Target(server, PLAIN)
+    extra = {kind: Target(server, kind) for kind in (CONTROL, HOSTILE, FRESH)}
+    loader = Loader(bench)
+    rate = dict.fromkeys(extra, 50.0)  # answered extra requests per second per connection, fastest so far
+    runs: dict[str, list[dict[str, Any]]] = {}
+    try:
+        server.start()
+        loader.probe(normal)
+        loader.run(normal, config.warm_up)
+        for repeat in range(config.hostile_repeats):
+            for connections in HOSTILE_SHARES:
+                for kind, target in extra.items():
+                    count = int(rate[kind] * connections * config.seconds * 2) + 10 * connections
+                    pool = bench.ensure_pool(target.cursor + count, kind)
+                    before = lab.resolver.counts()
+                    driver = _start_driver(server.url, pool, target.cursor, count, connections, config.seconds)
+                    result: dict[str, Any] = {}
+                    try:
+                        result["normal"] = loader.run(normal, config.seconds, timeout=HOSTILE_TIMEOUT)
+                    finally:
+                        result["extra"] = _finish_driver(driver, config.seconds + 2 * HOSTILE_TIMEOUT)
+                    result["dead_queries"] = lab.resolver.counts()[1] - before[1]
+                    answered = result["extra"]
+                    target.cursor += int(answered["sent"])
+                    span = max(1e-3, answered["end"] - answered["start"])
+                    rate[kind] = max(rate[kind], len(answered["latencies_ms"]) / span / connections)
+                    runs.setdefault(f"{kind}-{connections}", []).append(result)
+                    print(
+                        f"  run {repeat + 1}/{config.hostile_repeats} {report.hostile_line(kind, connections, result)}",
+                        flush=True,
+                    )
+    finally:
+        server.stop()
+    run.hostile = {"normal": CONNECTIONS, "shares": HOSTILE_SHARES, "runs": runs}
+    for key, results in runs.items():
+        for result in results:
+            normal_result = result["normal"]
+            if normal_result["non2xx"] or _socket_errors(normal_result):
+                run.problems.append(
+                    f"hostile mix ({key}): {int(normal_result['non2xx'])} non-2xx answers to normal deliveries, "
+                    f"{_socket_errors(normal_result)} socket errors"
+                )
+            answered = result["extra"]
+            if answered["non2xx"] or answered["errors"]:
+                (run.problems if key.startswith(CONTROL) else run.notes).append(
+                    f"hostile mix ({key}): {answered['non2xx']} extra deliveries answered non-2xx, "
+                    f"{answered['errors']} without an answer"
+                )
+            if answered["exhausted"]:
+                run.notes.append(f"hostile mix ({key}): the extra connections' pool ran out during a run")
+
+
+def _start_driver(url: str, pool: Pool, first: int, count: int, connections: int, seconds: float) -> Any:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.drive",
+            f"{url}/postal/inbound",
+            str(pool.index),
+            str(pool.bodies),
+            "--first",
+            str(first),
+            "--count",
+            str(count),
+            "--concurrency",
+            str(connections),
+            "--deadline",
+            str(seconds),
+        ],
+        cwd=procs.ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish_driver(driver: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """The driver's summary once its last request is answered (it stops sending at its deadline)."""
+    try:
+        out, _ = driver.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        driver.wait()
+        raise BenchError("the hostile driver did not finish in time") from None
+    if driver.returncode != 0 or not out.strip():
+        raise BenchError(f"the hostile driver failed ({driver.returncode})")
+    summary: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return summary
 
 
 def _socket_errors(result: dict[str, float]) -> int:
@@ -407,10 +583,11 @@ def measure_memory(bench: Bench, run: Run) -> None:
 
 def measure_where(bench: Bench, run: Run) -> None:
     runs = bench.config.stage_runs
-    pool = bench.ensure_pool(3 * (runs + 3))
-    env = bench.env("stages", fsync=True)
-    deliveries = pool.read(0, 3 * (runs + 3))
-    run.stages = measure_stages(Settings.from_env(env), deliveries, runs=runs, seconds=40)
+    count = 3 * (runs + 3)
+    deliveries = bench.ensure_pool(count).read(0, count)
+    signed = bench.ensure_pool(2 * (runs + 3), SIGNED).read(0, 2 * (runs + 3))
+    env = bench.env("stages", fsync=True, extra={"BRIDGE_DNS_NAMESERVERS": bench.dns().knot_nameserver})
+    run.stages = measure_stages(Settings.from_env(env), deliveries, signed, runs=runs, seconds=50)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,8 +634,9 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--stage-runs", type=int, default=150, help="timed calls per stage")
     parser.add_argument("--no-nofsync", action="store_true", help="skip the BRIDGE_FSYNC=false target")
     parser.add_argument(
-        "--experiment-workers", type=int, default=8, help="gunicorn workers of the extra full/bare pair (0: none)"
+        "--experiment-workers", type=int, default=0, help="gunicorn workers of an extra full/bare pair (0: none)"
     )
+    parser.add_argument("--hostile-repeats", type=int, default=2, help="interleaved runs per hostile share")
     parser.add_argument("--known-messages", type=int, default=5000, help="screening: messages from known senders")
     parser.add_argument("--new-senders", type=int, default=300, help="screening: first-time senders (one scrypt each)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers not comparable)")
@@ -480,13 +658,14 @@ def parse_args(argv: list[str] | None) -> Config:
         stage_runs=args.stage_runs,
         nofsync=not args.no_nofsync,
         write_results=not args.no_write,
+        hostile_repeats=args.hostile_repeats,
         screening=ScreeningConfig(known_messages=args.known_messages, new_senders=args.new_senders),
         only=tuple(args.only or ()),
     )
     if config.only:
         config.write_results = False
     if args.quick:
-        config.seconds, config.repeats, config.warm_up = 2.0, 1, 1.0
+        config.seconds, config.repeats, config.warm_up, config.hostile_repeats = 2.0, 1, 1.0, 1
         config.e2e_count, config.stage_runs = 300, 20
         config.screening = ScreeningConfig(known_messages=500, new_senders=20, profile_messages=200, scrypt_samples=3)
         config.write_results = False
@@ -507,16 +686,18 @@ def main(argv: list[str] | None = None) -> int:
         # The bridge logs one INFO line per delivery: keep them (that cost is real) but in a file.
         logging.basicConfig(filename=tmp / "logs" / "bench-process.log", level=logging.INFO)
         sections: list[tuple[str, Callable[[Bench, Run], None]]] = [
-            ("1/5 throughput and latency", measure_load),
-            ("2/5 end to end (accepted vs filed)", measure_e2e),
-            ("3/5 memory (one 25 MB message)", measure_memory),
-            ("4/5 where the time goes (in-process)", measure_where),
-            ("5/5 screening: the filing job in-process, then end to end", measure_screening),
+            ("1 throughput and latency", measure_load),
+            ("7 hostile mix (DKIM for DNS that never answers)", measure_hostile),
+            ("2 end to end (accepted vs filed)", measure_e2e),
+            ("3 memory (one 25 MB message)", measure_memory),
+            ("4 where the time goes (in-process)", measure_where),
+            ("5-6 screening: the filing job in-process, then end to end", measure_screening),
         ]
         if config.only:
             sections = [(t, f) for (t, f), name in zip(sections, SECTIONS, strict=True) if name in config.only]
         try:
             bench.redis.start()
+            run.server = procs.server_shape(dict(bench.bare_env("shape"), BRIDGE_WEB_WORKERS=str(config.web_workers)))
             print(f"bench: building signed deliveries in {tmp / 'pool'}", flush=True)
             bench.ensure_pool(max(config.e2e_count, 2000))
             for title, section in sections:
@@ -526,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {exc}", file=sys.stderr)
             return 1
         finally:
+            bench.close()
             bench.redis.stop()
             logging.shutdown()
     run.machine["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())

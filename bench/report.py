@@ -17,6 +17,8 @@ GOAL_P99_MS = 20.0
 GOAL_FILED = 0.9
 GOAL_MEMORY = 4.0
 GOAL_SCREENING_RATE = 1000.0  # messages/s per worker process, known senders
+GOAL_NORMAL_UNDER_ATTACK_S = 2.0  # a normal delivery's 2xx within 2 s while hostile DKIM holds workers
+GOAL_HOSTILE_S = 5.0  # no delivery over 5 s on the bridge's side for any reason of DNS
 MB = 1024 * 1024
 
 
@@ -32,6 +34,33 @@ def load_line(result: dict[str, float]) -> str:
     return (
         f"{rate(result):7.0f} req/s  p50 {result['p50_us'] / 1000:6.1f} ms  p99 {result['p99_us'] / 1000:6.1f} ms"
         f"  server CPU {result['server_cpu_ms']:5.2f} ms/req  non-2xx {int(result['non2xx'])}"
+    )
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))] if ordered else float("nan")
+
+
+def hostile_line(kind: str, connections: int, result: dict[str, Any]) -> str:
+    """One progress line of the hostile mix: the normal side's wrk summary, then the extra connections'."""
+    extra = result["extra"]
+    latencies = extra["latencies_ms"]
+    return (
+        f"+{connections} {kind:7s} normal {load_line(result['normal'])}; extra: {len(latencies)} answered, "
+        f"median {_median(latencies) / 1000:.3f} s, max {max(latencies, default=float('nan')) / 1000:.3f} s; "
+        f"dead-zone queries {result['dead_queries']}"
+    )
+
+
+def server_text(server: dict[str, Any], workers: int) -> str:
+    """How gunicorn ran, for the report's prose."""
+    if not server or not server.get("conf"):
+        return f"gunicorn `--workers {workers} --worker-class sync` (no gunicorn.conf.py in the tree)"
+    return (
+        f"gunicorn `-c {server['conf']}` as deployed (worker class `{server.get('worker_class')}`, "
+        f"{workers} processes x {server.get('threads')} threads, keep-alive {server.get('keepalive')} s, "
+        f"access log {'on' if server.get('accesslog') else 'off'})"
     )
 
 
@@ -101,6 +130,15 @@ def render(run: Run, elapsed: float) -> str:
         f"| p99 latency at concurrency {8}, full (fsync on) | <= {GOAL_P99_MS:.0f} ms | {_fmt(p99, '.1f')} ms | "
         f"{_verdict(None if p99 is None else p99 <= GOAL_P99_MS)} |"
     )
+    signed = load.get("full-signed")
+    if signed and bare and bare["rps"]:
+        add(
+            f"| for scale: DKIM-signed full/bare (no goal of its own) | (>= {GOAL_RATIO}) | "
+            f"{signed['rps'] / bare['rps']:.2f} (p99 {signed['p99']:.1f} ms) | "
+            f"{_verdict(signed['rps'] / bare['rps'] >= GOAL_RATIO and signed['p99'] <= GOAL_P99_MS)} |"
+        )
+    for row in _hostile_goals(run.hostile):
+        add(row)
     add(
         f"| filed rate / accepted rate | >= {GOAL_FILED} | {_fmt(filed_ratio, '.2f')} | "
         f"{_verdict(None if filed_ratio is None else filed_ratio >= GOAL_FILED)} |"
@@ -128,10 +166,13 @@ def render(run: Run, elapsed: float) -> str:
     add("## 1. Throughput and latency")
     add("")
     add(
-        f"gunicorn `--workers {c.web_workers} --worker-class sync` on 127.0.0.1 for both targets; "
-        f"`wrk -t2 -c8 -d{c.seconds:.0f}s --latency -s bench/post.lua` posting signed RawMessage deliveries "
+        f"{server_text(run.server, c.web_workers)} on 127.0.0.1 for every target; "
+        f"`wrk -t2 -c8 -d{c.seconds:.0f}s --latency -s bench/post.lua` posting Postal-signed RawMessage deliveries "
         f"(~20 KB message, ~29.5 KB JSON request, unique Postal ids); {c.repeats} interleaved runs per target "
-        f"after a {c.warm_up:.0f} s warm-up; medians."
+        f"after a {c.warm_up:.0f} s warm-up; medians. The DKIM-signed row's messages carry one real DKIM "
+        "signature (dkimpy, 2048-bit RSA, `h=From:To:Date:MIME-Version:Content-Type`) whose key Knot serves on "
+        "127.0.0.1 (`BRIDGE_DNS_NAMESERVERS`); the bridge fetches it however it does (the same key for every "
+        "message: warm after the first)."
     )
     add("")
     add(
@@ -144,6 +185,7 @@ def render(run: Run, elapsed: float) -> str:
         "bare": "bare WSGI (bench/bare.py)",
         "full": "bridge, fsync on",
         "full-nofsync": "bridge, fsync off",
+        "full-signed": "bridge, fsync on, DKIM-signed messages",
         f"full-w{n}": f"experiment: bridge, fsync on, `--workers {n}` (ratios to bare `--workers {n}`)",
     }
     for name, summary in load.items():
@@ -164,8 +206,8 @@ def render(run: Run, elapsed: float) -> str:
     if bare_n and full_n and full:
         add(
             f"Experiment (one extra row; the comparison above is unchanged): the same full bridge, fsync on, under "
-            f"`--workers {n}` instead of {c.web_workers}, interleaved with the other targets, because sync workers "
-            f"block on fsync and more of them may overlap more I/O. Bare WSGI under `--workers {n}`: "
+            f"`--workers {n}` instead of {c.web_workers}, interleaved with the other targets: more processes "
+            f"may overlap more fsyncs. Bare WSGI under `--workers {n}`: "
             f"{bare_n['rps']:.0f} req/s (its runs: {' / '.join(f'{rate(r):.0f}' for r in run.load[f'bare-w{n}'])}). "
             f"Full bridge, {n} vs {c.web_workers} workers: {full_n['rps'] / full['rps']:.2f}x the req/s, "
             f"p99 {full_n['p99']:.1f} vs {full['p99']:.1f} ms."
@@ -188,7 +230,7 @@ def render(run: Run, elapsed: float) -> str:
     add("## 2. End to end: accepted vs filed")
     add("")
     add(
-        "One gunicorn sync worker + one `python -m bridge worker` (RQ, batch filing), fsync on; "
+        "One gunicorn worker process + one `python -m bridge worker` (RQ, batch filing), fsync on; "
         f"{e2e.get('count', 0)} unique deliveries posted by bench/drive.py ({8} connections, a separate process). "
         "Accepted = deliveries / time to the last 2xx; filed = deliveries / time until ZCARD "
         "`bridge:idx:<address>:other` equals them (polled every 20 ms)."
@@ -204,7 +246,7 @@ def render(run: Run, elapsed: float) -> str:
         )
     add("")
 
-    add("## 3. Memory: one 25 MB message, one sync worker")
+    add("## 3. Memory: one 25 MB message, one gunicorn worker process")
     add("")
     add(
         "Warm-up with one 20 KB delivery, then `echo 5 > /proc/<worker>/clear_refs`, VmRSS before, "
@@ -248,6 +290,8 @@ def render(run: Run, elapsed: float) -> str:
     add("")
     if sc:
         _screening(add, sc, {stage.name: stage.median_ms for stage in run.stages})
+    if run.hostile:
+        _hostile(add, run)
     if run.notes:
         add("## Notes")
         add("")
@@ -376,7 +420,7 @@ def _screening(add: Any, sc: dict[str, Any], stages: dict[str, float]) -> None:
         add("## 6. End to end with screening: accepted vs filed")
         add("")
         add(
-            "As section 2 (one gunicorn sync worker + one `python -m bridge worker`, fsync on in the web process, "
+            "As section 2 (one gunicorn worker process + one `python -m bridge worker`, fsync on in the web process, "
             f"bench/drive.py with 8 connections), but both processes resolve through the Knot server "
             f"(`BRIDGE_DNS_NAMESERVERS`), the worker screens every message, and the deliveries come from the "
             f"{sc['senders']} known senders above (DKIM-signed, so the web process verifies a signature per message), "
@@ -393,3 +437,98 @@ def _screening(add: Any, sc: dict[str, Any], stages: dict[str, float]) -> None:
             f"{_fmt(ratio, '.2f')} | {folders} |"
         )
         add("")
+
+
+def hostile_summary(hostile: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per load (``hostile-1``, ``control-3``, ...): the normal side's medians over the repeats (and its
+    worst latency), the extra connections' answered requests pooled over the repeats, dead-zone queries."""
+    out: dict[str, dict[str, float]] = {}
+    for key, results in hostile.get("runs", {}).items():
+        normal = _summary([r["normal"] for r in results])
+        latencies = [x for r in results for x in r["extra"]["latencies_ms"]]
+        out[key] = {
+            **normal,
+            "max": max(r["normal"]["max_us"] for r in results) / 1000,
+            "answered": float(len(latencies)),
+            "extra_p50_s": _median(latencies) / 1000,
+            "extra_p99_s": _percentile(latencies, 0.99) / 1000,
+            "extra_max_s": max(latencies, default=float("nan")) / 1000,
+            "extra_non2xx": float(sum(r["extra"]["non2xx"] + r["extra"]["errors"] for r in results)),
+            "dead_per_request": sum(r["dead_queries"] for r in results) / len(latencies) if latencies else float("nan"),
+        }
+    return out
+
+
+def _hostile_goals(hostile: dict[str, Any]) -> list[str]:
+    attacked = [s for key, s in hostile_summary(hostile).items() if not key.startswith("control")]
+    if not attacked:
+        return []
+    worst_normal = max(s["max"] for s in attacked) / 1000
+    answered = [s["extra_max_s"] for s in attacked if s["answered"]]
+    worst_hostile = max(answered) if answered else None
+    normal_ok = worst_normal <= GOAL_NORMAL_UNDER_ATTACK_S
+    hostile_ok = None if worst_hostile is None else worst_hostile <= GOAL_HOSTILE_S
+    return [
+        "| hostile mix: slowest normal delivery while hostile DKIM holds workers "
+        f"| <= {GOAL_NORMAL_UNDER_ATTACK_S:.0f} s | {worst_normal:.2f} s | {_verdict(normal_ok)} |",
+        "| hostile mix: slowest hostile delivery (5 signatures, DNS never answers) "
+        f"| <= {GOAL_HOSTILE_S:.0f} s | {_fmt(worst_hostile, '.2f')} s | {_verdict(hostile_ok)} |",
+    ]
+
+
+def _share(connections: int, normal: int) -> str:
+    return f"{connections} of {connections + normal} ({connections / (connections + normal):.0%})"
+
+
+def _hostile(add: Any, run: Run) -> None:
+    c = run.config
+    hostile = run.hostile
+    normal = hostile["normal"]
+    summary = hostile_summary(hostile)
+    add("## 7. Hostile mix: DKIM signatures for DNS that never answers")
+    add("")
+    add(
+        f"One bridge ({server_text(run.server, c.web_workers)}, fsync on). Normal deliveries: wrk with {normal} "
+        "connections, as in section 1 (unsigned ~20 KB messages, unique Postal ids), `--timeout 30s`. At the same "
+        "time 1 or 3 extra connections (bench/drive.py, a closed loop, each request waited for to its end, so "
+        "slow ones are counted) post one of: **hostile**, the same ~20 KB message with five `DKIM-Signature` "
+        "headers whose `d=` are new names for every delivery under `dead.forger.test`, a zone Knot delegates to "
+        "a UDP socket on 127.0.0.1 that never answers (bench/dnslab.py: the bridge's resolver follows Knot's "
+        "referral to it, as a recursive resolver would): one spammer's dead zone; **fresh**, the same but every "
+        "delivery's `d=` in a dead domain of its own (`<number>.test`, no zone Knot serves, sent to the same "
+        "silent socket): what no memory of unreachable zones can know in advance; **control**, plain deliveries "
+        "like the normal ones at the same concurrency. So a ratio hostile / control is what the hostile DNS "
+        "costs the normal deliveries, apart from the load the extra connections add. "
+        f"Runs of {c.seconds:.0f} s, the six loads interleaved, {c.hostile_repeats} runs each; normal figures "
+        "are medians over runs (max: the slowest over all runs); the extra connections' figures pool every "
+        "answered request. Dead-zone queries: lookups that reached the silent server, per answered hostile "
+        "request (5 for a bridge with no memory of unreachable zones)."
+    )
+    add("")
+    add(
+        "| extra connections (share of concurrent requests) | extra carry | normal req/s | normal p50 ms "
+        "| normal p99 ms | normal max ms | p50 / control | p99 / control | extra answered | extra p50 s "
+        "| extra p99 s | extra max s | extra non-2xx | dead-zone queries per request |"
+    )
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for connections in hostile.get("shares", ()):
+        control = summary.get(f"control-{connections}")
+        for kind in ("control", "hostile", "fresh"):
+            s = summary.get(f"{kind}-{connections}")
+            if s is None:
+                continue
+            p50 = s["p50"] / control["p50"] if control and control["p50"] else float("nan")
+            p99 = s["p99"] / control["p99"] if control and control["p99"] else float("nan")
+            dead = "-" if kind == "control" else f"{s['dead_per_request']:.2f}"
+            add(
+                f"| {_share(connections, normal)} | {kind} | {s['rps']:.0f} | {s['p50']:.1f} | {s['p99']:.1f} | "
+                f"{s['max']:.0f} | {p50:.2f} | {p99:.2f} | {s['answered']:.0f} | {s['extra_p50_s']:.3f} | "
+                f"{s['extra_p99_s']:.3f} | {s['extra_max_s']:.3f} | {s['extra_non2xx']:.0f} | {dead} |"
+            )
+    add("")
+    per_run = "; ".join(
+        f"{key}: " + " / ".join(f"{r['normal']['p99_us'] / 1000:.1f}" for r in results)
+        for key, results in hostile.get("runs", {}).items()
+    )
+    add(f"Normal p99 ms per run: {per_run}.")
+    add("")

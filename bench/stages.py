@@ -1,12 +1,15 @@
 """Where the time of one inbound request goes: each stage of the real request path, timed in-process.
 
 Every stage calls the bridge's own code on a ~20 KB signed delivery from the pool: signature check,
-``parse_inbound``, ``sender_facts``, ``check_dkim`` (on a message without a DKIM signature), sealing
+``parse_inbound``, ``sender_facts``, ``check_dkim`` (on a message without a DKIM signature, and on one
+with a real signature: key fetched from Knot, and key in the resolver's cache so no DNS), sealing
 (``seal`` + ``sealed_chunks``), the object-store creates of the sealed body (and of the record, while
 the request path writes one), filesystem store with fsync on and off, the Redis round trip
-(``MailIndex.note_received``), the whole ``accept_postal_delivery``, and the whole Flask view through
-Flask's test client (no HTTP server). Stages that store something get a new message id every call,
-so no call takes the duplicate shortcut. Figures are medians (and 90th percentiles) in milliseconds.
+(``MailIndex.note_received``), the whole ``accept_postal_delivery`` (unsigned and DKIM-signed), the
+same for a retry of a delivery already stored (the dedupe check: whatever the bridge does before it
+knows), and the whole Flask view through Flask's test client (no HTTP server). Stages that store
+something get a new message id every call, so only the retry stage takes the duplicate shortcut.
+Figures are medians (and 90th percentiles) in milliseconds.
 
 This module must never time anything but the bridge's code, and never write outside the data directory
 it is given.
@@ -24,8 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import dns.resolver
+
 from bridge import create_app
 from bridge.context import Bridge
+from bridge.dns import make_resolver
 from bridge.inbound import accept_postal_delivery
 from bridge.mail.auth import check_dkim
 from bridge.mail.headers import sender_facts
@@ -100,14 +106,16 @@ def _record(address: str, msg_id: str, size: int) -> dict[str, Any]:
 def measure_stages(
     settings: Settings,
     deliveries: list[tuple[bytes, dict[str, str]]],
+    signed_deliveries: list[tuple[bytes, dict[str, str]]],
     *,
     runs: int,
     seconds: float,
 ) -> list[StageTiming]:
-    """Time each stage ``runs`` times (bounded by ``seconds`` in all); needs 3 * (runs + 3) deliveries."""
+    """Time each stage ``runs`` times (bounded by ``seconds`` in all); needs 3 * (runs + 3) deliveries
+    and 2 * (runs + 3) DKIM-signed ones whose key ``settings.dns_nameservers`` serves."""
     per = WARM_UP + runs
-    if len(deliveries) < 3 * per:
-        raise ValueError(f"measure_stages needs {3 * per} deliveries")
+    if len(deliveries) < 3 * per or len(signed_deliveries) < 2 * per:
+        raise ValueError(f"measure_stages needs {3 * per} deliveries and {2 * per} signed ones")
     bridge = Bridge(settings, fsync=True)
     bridge_nofsync = Bridge(settings, fsync=False)
     limit = settings.max_message_bytes
@@ -125,6 +133,16 @@ def measure_stages(
         True: MessageStore(FileObjectStore(root, fsync=True)),
         False: MessageStore(FileObjectStore(root, fsync=False)),
     }
+    signed = [parse_inbound(body, headers["Content-Type"], limit) for body, headers in signed_deliveries]
+    knot = make_resolver(list(settings.dns_nameservers))
+    cached = make_resolver(list(settings.dns_nameservers))
+    cached.cache = dns.resolver.Cache()  # the key fetched once, then answered from memory
+    for resolver in (knot, cached):
+        verdict = check_dkim(signed[0].message, resolver)
+        if verdict[0] != "pass":
+            raise RuntimeError(f"the stage bench's DKIM-signed message does not verify: {verdict}")
+    for inbound in signed[:per]:  # stored once, untimed: the retry stage sends them again
+        accept_postal_delivery(bridge, inbound, kid)
     app = create_app(settings)
     client = app.test_client()
     address = mailbox.address
@@ -155,6 +173,8 @@ def measure_stages(
         ("parse_inbound (JSON + base64)", lambda i: parse_inbound(deliveries[i][0], "application/json", limit)),
         ("sender_facts (header block)", lambda i: sender_facts(messages[i].message)),
         ("check_dkim (message without DKIM-Signature)", lambda i: check_dkim(messages[i].message, bridge.resolver)),
+        ("check_dkim (one valid signature, key from Knot)", lambda i: check_dkim(signed[i].message, knot)),
+        ("check_dkim (one valid signature, key cached: no DNS)", lambda i: check_dkim(signed[i].message, cached)),
         ("seal + sealed_chunks (JWE)", sealing),
         ("create body object, fsync on", body_create(True)),
         ("create body object, fsync off", body_create(False)),
@@ -167,12 +187,27 @@ def measure_stages(
             "accept_postal_delivery, fsync off",
             lambda i: accept_postal_delivery(bridge_nofsync, messages[per + i], kid),
         ),
+        (
+            "accept_postal_delivery, DKIM-signed, fsync on",
+            lambda i: accept_postal_delivery(bridge, signed[per + i], kid),
+        ),
+        (
+            "accept_postal_delivery of a retry (DKIM-signed, already stored)",
+            lambda i: _expect(accept_postal_delivery(bridge, signed[i], kid).result, "duplicate"),
+        ),
         ("whole view via Flask test client, fsync on", flask_view),
     ]
     if hasattr(MessageStore, "create_record"):  # a separate record object on the request path
-        stages[6:6] = [("create record object, fsync on", record_create(True))]
-        stages[8:8] = [("create record object, fsync off", record_create(False))]
+        at = [name for name, _ in stages].index("create body object, fsync on") + 1
+        stages[at:at] = [("create record object, fsync on", record_create(True))]
+        stages[at + 2 : at + 2] = [("create record object, fsync off", record_create(False))]
     return _time_round_robin(stages, runs, seconds)
+
+
+def _expect(result: str, wanted: str) -> str:
+    if result != wanted:
+        raise RuntimeError(f"the stage bench expected {wanted!r}, the bridge answered {result!r}")
+    return result
 
 
 @dataclass(frozen=True)
