@@ -3,9 +3,11 @@
 Order matters and every step is safe to repeat:
 
 1. resolve the mailbox (unknown -> the caller answers 404 or 429);
-2. derive the message id from Postal's delivery key (same id for every retry);
+2. derive the message id from Postal's delivery key (same id for every retry); a DKIM-signed
+   message whose body is stored already is a retry: it is noted again and answered without DNS;
 3. read the sender facts (From, Postal's spam flag and client IP) and check DKIM, the only
-   verdict that needs the plaintext: together they are the message's initial record;
+   verdict that needs the plaintext, within BRIDGE_DKIM_DNS_BUDGET seconds of DNS (temperror
+   after): together they are the message's initial record;
 4. seal the message to the owner, the record as the JWE's authenticated ``aad``, and create
    the body object: one create-only write (a retry finds it there and stores nothing);
 5. note it for filing in Redis (one round trip) and enqueue a filing job if none is queued.
@@ -23,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.context import Bridge
+from bridge.dns import dns_budget
 from bridge.errors import RedisUnavailable
-from bridge.mail.auth import check_dkim
+from bridge.mail.auth import check_dkim, has_dkim_signature
 from bridge.mail.headers import sender_facts
 from bridge.postal.payloads import InboundMessage
 from bridge.sealing import seal, sealed_chunks
@@ -49,10 +52,20 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
     if mailbox is None:
         return Outcome(UNKNOWN_RECIPIENT)
     msg_id = message_id(message.delivery_key(postal_kid))
+    signed = has_dkim_signature(message.message)
+    if signed and bridge.messages.has_body(mailbox.address, msg_id):
+        # A retry of a stored delivery (Postal re-sends after a timeout or a 5xx): answer it without
+        # paying for DKIM's DNS again. Unsigned mail needs no such check: its retry asks no DNS, and
+        # the create-only write below is the dedupe either way.
+        return _noted(bridge, mailbox.address, msg_id, message, None, time.time())
     facts = sender_facts(message.message)
     # DKIM is the one check that needs the plaintext: run it before sealing (SPF, DMARC and the
-    # handshake lookup need only envelope facts and run in the filing job).
-    dkim_result, dkim_domains = check_dkim(message.message, bridge.resolver)
+    # handshake lookup need only envelope facts and run in the filing job). Its DNS is a sender's
+    # to choose, so it gets a budget: past it the verdict is temperror, and Postal gets its answer.
+    dkim_result, dkim_domains = "none", tuple[str, ...]()
+    if signed:
+        with dns_budget(bridge.settings.dkim_dns_budget):
+            dkim_result, dkim_domains = check_dkim(message.message, bridge.resolver)
     received_at = time.time()
     spam = facts.postal_spam if message.spam_status is None else message.spam_status == "Spam"
     record: dict[str, Any] = {
@@ -86,12 +99,22 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
     sealed = seal(message.message, [mailbox.recipient(bridge.settings.domain)], aad)
     created = bridge.messages.create_body(mailbox.address, msg_id, sealed_chunks(sealed))
     del sealed
-    # Only a new message's record goes to the index: a retry's may long since have been filed (and
-    # moved by its owner), so for a retry the filing job reads the truth from the object store.
-    if bridge.index.note_received(mailbox.address, msg_id, received_at, aad if created else None):
+    return _noted(bridge, mailbox.address, msg_id, message, aad if created else None, received_at)
+
+
+def _noted(
+    bridge: Bridge, address: str, msg_id: str, message: InboundMessage, record: bytes | None, received_at: float
+) -> Outcome:
+    """Queue a stored body for filing; ``record`` only for a new message (None: a retry of a stored one).
+
+    Only a new message's record goes to the index: a retry's may long since have been filed (and
+    moved by its owner), so for a retry the filing job reads the truth from the object store.
+    """
+    if bridge.index.note_received(address, msg_id, received_at, record):
         enqueue_filing(bridge)
-    log.info("postal delivery %s: postal id %s -> %s", STORED if created else DUPLICATE, message.postal_id, msg_id)
-    return Outcome(STORED if created else DUPLICATE, msg_id)
+    result = STORED if record is not None else DUPLICATE
+    log.info("postal delivery %s: postal id %s -> %s", result, message.postal_id, msg_id)
+    return Outcome(result, msg_id)
 
 
 #: The filing job's time limit: a batch's DNS is bounded well below it (bridge.jobs.inbound), so it

@@ -45,6 +45,7 @@ __all__ = [
     "authenticate",
     "authenticate_sender",
     "check_dkim",
+    "has_dkim_signature",
     "organizational_domain",
 ]
 
@@ -282,13 +283,18 @@ def check_dkim(message: bytes, resolver: dns.resolver.Resolver) -> tuple[str, tu
     sealing; SPF and DMARC need only envelope facts and run later (``authenticate_sender``).
     A message without a DKIM-Signature header is answered without parsing it (it may be 25 MB).
     """
+    if not has_dkim_signature(message):
+        return "none", ()
+    return _dkim(message, resolver)
+
+
+def has_dkim_signature(message: bytes) -> bool:
+    """Whether the header block mentions DKIM-Signature (a cheap scan: only then is DNS asked)."""
     end = message.find(b"\r\n\r\n")
     if end < 0:
         end = message.find(b"\n\n")
     head = message[: end if end >= 0 else len(message)]
-    if b"dkim-signature" not in head.lower():
-        return "none", ()
-    return _dkim(message, resolver)
+    return b"dkim-signature" in head.lower()
 
 
 def authenticate(message: bytes, *, facts: SenderFacts, mail_from: str, resolver: dns.resolver.Resolver) -> AuthVerdict:

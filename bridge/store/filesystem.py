@@ -162,6 +162,18 @@ class FileObjectStore:
         except OSError as exc:
             raise self._unavailable("get", exc) from None
 
+    def exists(self, key: str) -> bool:
+        path = self._path(key)
+        try:
+            path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            if self._root_broken():  # as in get(): a vanished store is not an absent object
+                raise StorageUnavailable(f"filesystem store root {str(self.root)!r} is missing") from None
+            return False
+        except OSError as exc:
+            raise self._unavailable("exists", exc) from None
+        return True
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:

@@ -56,6 +56,10 @@ class MessageStore:
         """Store a sealed body once; False when a body for this id exists already (a retry)."""
         return self._objects.create(self._key(address, msg_id, "jwe"), sealed)
 
+    def has_body(self, address: str, msg_id: str) -> bool:
+        """Whether this delivery's body is stored already (a retry), without reading it."""
+        return self._objects.exists(self._key(address, msg_id, "jwe"))
+
     def put_record(self, record: dict[str, Any]) -> None:
         self._objects.put(self._key(record["mailbox"], record["id"], "json"), _dump(record))
 

@@ -70,6 +70,10 @@ class ObjectStore(Protocol):
         """The object's bytes, or None if there is no such object."""
         ...
 
+    def exists(self, key: str) -> bool:
+        """Whether the object exists, without reading it (a retry's cheap dedupe check)."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove an object; deleting an absent object is not an error."""
         ...

@@ -193,6 +193,19 @@ class S3ObjectStore:
         except BotoCoreError as exc:
             raise self._unavailable("GetObject", exc) from None
 
+    def exists(self, key: str) -> bool:
+        full = self.prefix + validate_key(key)
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=full)
+        except ClientError as exc:
+            code, status = self._code(exc)
+            if status == 404 and code != "NoSuchBucket":
+                return False
+            raise self._unavailable("HeadObject", exc) from None
+        except BotoCoreError as exc:
+            raise self._unavailable("HeadObject", exc) from None
+        return True
+
     def delete(self, key: str) -> None:
         full = self.prefix + validate_key(key)
         try:
