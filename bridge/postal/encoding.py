@@ -13,7 +13,7 @@ from __future__ import annotations
 import binascii
 import re
 
-__all__ = ["MessageTooLarge", "PayloadError", "decode_base64"]
+__all__ = ["MessageTooLarge", "PayloadError", "decode_base64", "decoded_length"]
 
 
 class PayloadError(ValueError):
@@ -61,3 +61,19 @@ def decode_base64(text: str | bytes, *, field: str, limit: int | None = None) ->
     if len(decoded) != chars // 4 * 3 - pad_count:
         raise PayloadError(f"invalid base64: {field}")
     return decoded
+
+
+def decoded_length(text: str | bytes) -> int:
+    """How many bytes ``text`` decodes to, counted without decoding (a size check before the work).
+
+    Exact for valid base64; for invalid text decode_base64 refuses it later anyway.
+    """
+    if isinstance(text, str):
+        pad_at = text.find("=")
+        pad_count = 0 if pad_at == -1 else text.count("=", pad_at)
+        chars = len(text) - text.count("\n") - text.count("\r")
+    else:
+        pad_at = text.find(b"=")
+        pad_count = 0 if pad_at == -1 else text.count(b"=", pad_at)
+        chars = len(text) - text.count(b"\n") - text.count(b"\r")
+    return max(chars // 4 * 3 - pad_count, 0)

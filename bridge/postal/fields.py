@@ -13,9 +13,18 @@ import re
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
-from bridge.postal.encoding import PayloadError
+from bridge.postal.encoding import MessageTooLarge, PayloadError
 
-__all__ = ["Fields", "FormFields", "JsonFields", "bad_field", "parse_form"]
+__all__ = ["MAX_ATTACHMENTS", "MAX_FORM_FIELDS", "Fields", "FormFields", "JsonFields", "bad_field", "parse_form"]
+
+# A Hash with more attachments is refused (413) before any is decoded. Real mail carries a handful; 1,000
+# rebuild in a fraction of a second, while an unbounded count lets one delivery hold a web worker for
+# minutes (50,000 took 30 s before this bound).
+MAX_ATTACHMENTS: Final = 1000
+# FormData flattens each attachment into 4 fields (filename, content_type, size, data) beside ~25 others:
+# a form with more fields than the largest acceptable Hash is refused before it is split (splitting and
+# unescaping 200,000 fields costs seconds).
+MAX_FORM_FIELDS: Final = 5 * MAX_ATTACHMENTS + 100
 
 _MISSING: Final = object()
 
@@ -98,6 +107,8 @@ class JsonFields:
             return []
         if not isinstance(value, list):
             raise bad_field("attachments")
+        if len(value) > MAX_ATTACHMENTS:
+            raise MessageTooLarge("too many attachments")
         out = []
         for item in value:
             if not isinstance(item, dict):
@@ -150,6 +161,8 @@ def _form_unquote(value: bytes) -> bytes:
 
 def parse_form(body: bytes | bytearray) -> dict[str, list[bytes | None]]:
     """Split a form body into name -> values; ``name`` without ``=`` is Ruby's nil (kept as None)."""
+    if body.count(b"&") >= MAX_FORM_FIELDS:  # counted in C before any field is built
+        raise MessageTooLarge("too many form fields")
     fields: dict[str, list[bytes | None]] = {}
     view = memoryview(body)
     pos, size = 0, len(body)
@@ -250,6 +263,8 @@ class FormFields:
             if match is None or len(values) != 1:
                 raise bad_field("attachments")
             grouped.setdefault(int(match.group(1)), {})[match.group(2)] = values[0]
+            if len(grouped) > MAX_ATTACHMENTS:
+                raise MessageTooLarge("too many attachments")
         out = []
         for index in sorted(grouped):
             item = grouped[index]

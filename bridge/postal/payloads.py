@@ -12,7 +12,11 @@ JSON/FormData field access) and ``rebuild`` (Hash -> MIME).
 Exceptions, and what the web layer answers (Postal bounces the sender on any 4xx but 429):
 
     PayloadError     -> 400  signed but malformed (bad JSON/form, wrong types, missing fields, bad base64)
-    MessageTooLarge  -> 413  the decoded message is over the configured limit
+    MessageTooLarge  -> 413  what Postal sent is over BRIDGE_MAX_MESSAGE_BYTES (RawMessage: the decoded
+                             message; Hash: decoded attachments plus bodies, never the bigger rebuilt
+                             MIME), or a Hash has more than MAX_ATTACHMENTS attachments (1,000). Too
+                             many parts is "too large" too: the sender's mail cannot be taken as it is,
+                             a retry would not help (so not 5xx), and it is not malformed (so not 400).
 
 Messages can be 25 MB, so parsing keeps few copies alive: base64 is validated in place with a regex and
 decoded once, form values are unescaped with targeted replaces (never split into millions of pieces), and
@@ -32,10 +36,11 @@ import re
 from dataclasses import dataclass
 
 from bridge.postal.encoding import MessageTooLarge, PayloadError, decode_base64
-from bridge.postal.fields import Fields, FormFields, JsonFields, bad_field, parse_form
+from bridge.postal.fields import MAX_ATTACHMENTS, Fields, FormFields, JsonFields, bad_field, parse_form
 from bridge.postal.rebuild import MAX_HEADER_CHARS, REBUILT_HEADER, REBUILT_VALUE, rebuild
 
 __all__ = [
+    "MAX_ATTACHMENTS",
     "MAX_HEADER_CHARS",
     "REBUILT_HEADER",
     "REBUILT_VALUE",
