@@ -9,13 +9,14 @@ code  when
 ====  ======================================================
 200   the listing or the message
 201   a new handshake stored, an offer created
-400   a bad query parameter or body; a malformed handshake
+400   a bad query parameter or body (not JSON, nested too deeply to parse, wrong shape); a malformed
+      handshake, or one dated more than a few minutes in the future
 401   no or unknown bearer token
 403   a handshake not signed by this mailbox's key, or older than the one stored
 404   no such message in this mailbox
 411   a request body without a Content-Length
 413   a request body over 64 KB
-503   Redis or the object store is unreachable
+503   Redis or the object store is unreachable (never for a bad request: every malformed input is a 4xx)
 ====  ======================================================
 """
 
@@ -121,7 +122,7 @@ def get_message(bridge: Bridge, mailbox: Mailbox, msg_id: str) -> Response:
 def move_message(bridge: Bridge, mailbox: Mailbox, msg_id: str) -> Response:
     if refused := _unreadable_body():
         return refused
-    data = request.get_json(silent=True)
+    data = _json_body()
     folder = data.get("folder") if isinstance(data, dict) else None
     if folder not in FOLDERS:
         return error(f'give {{"folder": ...}}, one of: {", ".join(FOLDERS)}', 400)
@@ -149,6 +150,20 @@ def _unreadable_body() -> Response | None:
     return None
 
 
+def _json_body() -> Any:
+    """The body's JSON document, or None when it is not JSON; never raises.
+
+    Not ``request.get_json``: it lets RecursionError through, so ``[`` x 30,000 (64 KB fit that easily)
+    became an unexpected error and a 503, which tells a client to retry what can never succeed.
+    """
+    if not request.is_json:
+        return None
+    try:
+        return json.loads(request.get_data(cache=False))
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+
+
 @blueprint.put("/handshakes")
 @owner_only
 def put_handshake(bridge: Bridge, mailbox: Mailbox) -> Response:
@@ -159,7 +174,7 @@ def put_handshake(bridge: Bridge, mailbox: Mailbox) -> Response:
     """
     if refused := _unreadable_body():
         return refused
-    document = request.get_json(silent=True)
+    document = _json_body()
     if document is None:
         return error("the body must be a JSON handshake document", 400)
     try:
