@@ -19,7 +19,7 @@ from bridge.mailio.handshakes import sign_handshake
 from bridge.mailio.identity import email_lookup_hash
 from tests.conftest import DOMAIN, Owner, run_worker
 from tests.dns_server import KnotDNS
-from tests.postal_sim import PostalSimulator, raw_payload
+from tests.postal_sim import PostalSimulator, hash_payload, raw_payload
 from tests.test_mail_auth import Signer
 
 pytestmark = pytest.mark.dns
@@ -188,6 +188,33 @@ def test_dmarc_reject_failure_is_spam(mailroom, knot_dns):
     mailroom.deliver(strict.message(sign=False), mail_from="x@forger.test", client_ip=FORGER_IP)
     [record] = mailroom.folder("spam")
     assert record["verdicts"]["dmarc"] == "fail" and record["verdicts"]["rule"] == "dmarc"
+
+
+def test_a_hash_delivery_from_a_dmarc_reject_domain_is_screened_not_spam(mailroom, knot_dns, postal_signer):
+    # The Hash format carries neither DKIM signatures nor Postal's Received: line (no client IP): DMARC has
+    # no evidence to fail on, so the message is screened like any unknown sender's, never spam for that.
+    strict = Sender(knot_dns, dmarc="v=DMARC1; p=reject")
+    postal = PostalSimulator(mailroom.postal.url, postal_signer, format="Hash")
+    payload = hash_payload(
+        postal_id=5001,
+        token="tok5001",
+        rcpt_to=f"support@{DOMAIN}",
+        mail_from=strict.address,
+        message=strict.message(),
+    )
+    assert postal.post(payload).status == 200
+    run_worker(mailroom.bridge)
+    [record] = mailroom.folder("other")
+    assert record["verdicts"]["dmarc"] == "unknown" and record["verdicts"]["dmarc_policy"] == "reject"
+    assert record["verdicts"]["rule"] == "screened"
+
+
+def test_a_raw_message_without_a_client_ip_gets_no_dmarc_verdict(mailroom, knot_dns):
+    strict = Sender(knot_dns, dmarc="v=DMARC1; p=reject")
+    # Postal's Received: line names no address we can read: SPF cannot be checked.
+    mailroom.deliver(strict.message(sign=False), mail_from=strict.address, client_ip="unknown")
+    [record] = mailroom.folder("other")
+    assert record["verdicts"]["spf"] == "none" and record["verdicts"]["dmarc"] == "unknown"
 
 
 def test_postal_spam_verdict_wins_over_an_approval(mailroom, sender):

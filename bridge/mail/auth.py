@@ -76,7 +76,9 @@ class AuthVerdict:
     spf_domain: str | None
     """The envelope (MAIL FROM) domain, or the HELO domain for a null sender."""
     dmarc: str
-    """"pass" | "fail" | "none" (no DMARC policy published) | "temperror"."""
+    """"pass" | "fail" | "none" (no DMARC policy published) | "temperror" | "unknown" (missing evidence: SPF could
+    not be checked for want of a client IP — the Hash format, or no Received: line — and no aligned DKIM passed;
+    DMARC cannot fail a sender on a check it never made)."""
     dmarc_policy: str | None
     """What the From domain asks for failing mail (sp= for a subdomain covered by its parent's record)."""
     aligned: bool
@@ -347,6 +349,8 @@ def authenticate_sender(
             dmarc_result = "pass"
         elif policy_unknown or (policy is not None and "temperror" in (dkim_result, spf_result)):
             dmarc_result = "temperror"
+        elif policy is not None and not client_ip:
+            dmarc_result = "unknown"  # missing evidence is no verdict, not a failure
         elif policy is not None:
             dmarc_result = "fail"
     return AuthVerdict(
