@@ -7,6 +7,7 @@ import base64
 import json
 import pickle
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -418,3 +419,87 @@ def test_handshake_error_keeps_its_status_through_pickling() -> None:
     assert issubclass(HandshakeError, ValueError)
     error = pickle.loads(pickle.dumps(HandshakeError(403, "handshake signature does not verify")))  # noqa: S301 - our own bytes
     assert (error.status, str(error)) == (403, "handshake signature does not verify")
+
+
+# --- dates in the future -----------------------------------------------------------------------------
+
+MINUTE_MS = 60_000.0
+
+
+@pytest.mark.parametrize("ahead_ms", [6 * MINUTE_MS, 86_400_000.0, 1e308])
+def test_a_handshake_dated_in_the_future_is_400(ahead_ms: float) -> None:
+    now = 1_800_000_000_000.0
+    document = signed_content(created=now + ahead_ms)
+    with pytest.raises(HandshakeError, match="in the future") as info:
+        parse_signed_handshake(document, owner_public_key=OWNER.ed25519_public, now=now)
+    assert info.value.status == 400
+    assert parse_signed_handshake(document, now=now, stored=True).created == now + ahead_ms  # still readable
+
+
+def test_a_few_minutes_of_clock_skew_are_accepted() -> None:
+    now = 1_800_000_000_000.0
+    handshake = parse_signed_handshake(signed_content(created=now + 4 * MINUTE_MS), now=now)
+    assert handshake.created == now + 4 * MINUTE_MS
+
+
+def _api_document(owner: Any, status: str, created_ms: float) -> dict[str, Any]:
+    return sign_handshake(
+        ed25519_private=owner.keys.ed25519_private,
+        status=status,
+        sender_email_hash=SENDER_HASH,
+        origin_domain="mail.example.test",
+        created_ms=created_ms,
+    )
+
+
+def _stored_handshakes(settings: Any) -> list[Path]:
+    root = Path(settings.storage_url.removeprefix("file://")) / "handshakes"
+    return sorted(root.rglob("*.json")) if root.exists() else []
+
+
+@pytest.mark.parametrize("when", ["1e308", "tomorrow"])
+def test_the_api_refuses_a_future_dated_handshake_and_a_later_honest_one_still_counts(
+    client: Any, owner: Any, settings: Any, when: str
+) -> None:
+    created_ms = 1e308 if when == "1e308" else time.time() * 1000 + 86_400_000
+    response = client.put("/api/v1/handshakes", json=_api_document(owner, "revoked", created_ms), headers=owner.auth)
+    assert response.status_code == 400
+    assert "in the future" in response.get_json()["error"]
+    assert _stored_handshakes(settings) == []
+
+    response = client.put(
+        "/api/v1/handshakes", json=_api_document(owner, "accepted", time.time() * 1000), headers=owner.auth
+    )
+    assert response.status_code == 201, response.get_json()
+    [stored] = client.get("/api/v1/handshakes", headers=owner.auth).get_json()["handshakes"]
+    assert stored["content"]["status"] == "accepted"
+
+
+def test_a_future_dated_handshake_stored_before_the_check_no_longer_locks_the_sender(
+    client: Any, bridge: Any, owner: Any, settings: Any
+) -> None:
+    """A document from before this check was stored as is; the next honest upload replaces it."""
+    poisoned = _api_document(owner, "revoked", 1e308)
+    key = f"handshakes/{owner.mailbox.address}/{poisoned['content']['handshakeId']}.json"
+    assert bridge.objects.create(key, json.dumps(poisoned).encode())
+
+    honest = _api_document(owner, "accepted", time.time() * 1000)
+    response = client.put("/api/v1/handshakes", json=honest, headers=owner.auth)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["result"] == "replaced"
+    [stored] = client.get("/api/v1/handshakes", headers=owner.auth).get_json()["handshakes"]
+    assert stored["content"]["status"] == "accepted"
+    # and the honest one now protects itself like any other: an older replay is stale
+    replay = _api_document(owner, "revoked", time.time() * 1000 - 3_600_000)
+    assert client.put("/api/v1/handshakes", json=replay, headers=owner.auth).status_code == 403
+
+
+def test_a_damaged_stored_handshake_is_replaced_not_a_503(client: Any, bridge: Any, owner: Any) -> None:
+    honest = _api_document(owner, "accepted", time.time() * 1000)
+    key = f"handshakes/{owner.mailbox.address}/{honest['content']['handshakeId']}.json"
+    assert bridge.objects.create(key, b"{not json")
+    response = client.put("/api/v1/handshakes", json=honest, headers=owner.auth)
+    assert response.status_code == 200, response.get_json()
+    assert [
+        h["content"]["status"] for h in client.get("/api/v1/handshakes", headers=owner.auth).get_json()["handshakes"]
+    ] == ["accepted"]

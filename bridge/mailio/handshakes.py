@@ -19,7 +19,10 @@ decodes what we produce. Where the reference is weaker, we are stricter (mailio.
   authority; demanding equality would reject honest clients whose JSON differs only in number formatting
   or omitted empty members; and ``Handshake.to_document`` rebuilds ``content`` from the signed bytes, so a
   stored document never carries a twin that disagrees with its signature;
-* ownerAddress and handshakeId must derive from the signed key and sender, which the reference never checks.
+* ownerAddress and handshakeId must derive from the signed key and sender, which the reference never checks;
+* ``created`` may not lie more than MAX_FUTURE_MS ahead of our clock: since a newer ``created`` wins, one
+  signed document dated in the year 10,000 (or ``1e308``) would otherwise lock that sender's handshake
+  forever, every later honest one being "stale".
 
 Errors: ``HandshakeError`` with ``.status`` 400 (cannot be parsed, wrong types or values) or 403 (parses,
 but the signature, the owner or a derived identifier does not check out). Messages name fields, never
@@ -60,6 +63,10 @@ MAX_CBOR_BYTES = 8192
 # content -> senderMetadata/originServer/signupRules is depth 2; leave room, refuse deep junk.
 MAX_DEPTH = 8
 SIGNATURE_LENGTH = 64
+# How far ahead of our clock a handshake's ``created`` may be: the owner's machine and ours may disagree by
+# a little (no NTP, a laptop waking up); more than this is a client bug or an attempt to outrank every
+# later handshake for good.
+MAX_FUTURE_MS = 5 * 60 * 1000
 
 _SENDER_ADDRESS_RE = re.compile(r"(did:web:[^\s#]+#)?0x[0-9a-f]{40}")
 
@@ -240,14 +247,27 @@ def _created(content: dict[str, Any]) -> float:
     return created
 
 
-def parse_signed_handshake(document: Any, *, owner_public_key: bytes | None = None) -> Handshake:
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+def from_the_future(handshake: Handshake, now: float | None = None) -> bool:
+    """True if ``created`` is more than MAX_FUTURE_MS after ``now`` (ms since the epoch; default: now)."""
+    return handshake.created > (now_ms() if now is None else now) + MAX_FUTURE_MS
+
+
+def parse_signed_handshake(
+    document: Any, *, owner_public_key: bytes | None = None, now: float | None = None, stored: bool = False
+) -> Handshake:
     """Verify and parse ``{content, signatureBase64, cborPayloadBase64}`` as Mailio clients produce them.
 
     The Ed25519 signature is checked over the exact received CBOR bytes; only the decoded CBOR is used and
     the JSON ``content`` twin is ignored (see the module docstring for why). With ``owner_public_key`` (the
     mailbox owner's registered key) the bytes are verified against it before they are even decoded, and the
-    signed ``ownerPublicKey`` must be that key. Raises only ``HandshakeError`` (400 malformed, 403 not
-    authentic or not the owner's).
+    signed ``ownerPublicKey`` must be that key. ``created`` more than MAX_FUTURE_MS after ``now`` (ms since
+    the epoch, default the current time) is refused, unless ``stored``: re-reading a document accepted
+    earlier (or before this check existed) must still work, so that a newer one can replace it. Raises only
+    ``HandshakeError`` (400 malformed or dated in the future, 403 not authentic or not the owner's).
     """
     if not isinstance(document, dict):
         raise _bad("handshake is not a JSON object")
@@ -284,6 +304,8 @@ def parse_signed_handshake(document: Any, *, owner_public_key: bytes | None = No
     level = _choice(content, "level", LEVELS)
     kind = _choice(content, "type", TYPES)
     created = _created(content)
+    if not stored and created > (now_ms() if now is None else now) + MAX_FUTURE_MS:
+        raise _bad(f"content.created is more than {MAX_FUTURE_MS // 60_000} minutes in the future")
     claimed_id = _text(content, "handshakeId")
     owner_address = _text(content, "ownerAddress")
     origin_domain = _origin_domain(content)
@@ -389,7 +411,7 @@ def sign_handshake(
         owner_public_key=public,
         status=status,
         origin_domain=origin_domain,
-        created_ms=time.time() * 1000 if created_ms is None else created_ms,
+        created_ms=now_ms() if created_ms is None else created_ms,
         sender_email_hash=sender_email_hash,
         sender_did=sender_did,
         level=level,

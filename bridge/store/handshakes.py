@@ -27,7 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 
 from bridge.errors import RedisUnavailable
-from bridge.mailio.handshakes import Handshake, HandshakeError, newer, parse_signed_handshake
+from bridge.mailio.handshakes import (
+    MAX_FUTURE_MS,
+    Handshake,
+    HandshakeError,
+    from_the_future,
+    newer,
+    parse_signed_handshake,
+)
 from bridge.mailio.identity import email_lookup_hash
 from bridge.store.index import PREFIX, REDIS_ERRORS, as_text
 from bridge.store.objects import ObjectStore
@@ -46,25 +53,39 @@ class HandshakeStore:
         self._redis = connection
 
     def put(self, owner_address: str, handshake: Handshake) -> str:
-        """Store a verified handshake unless a newer one for the same id is stored already."""
+        """Store a verified handshake unless a newer one for the same id is stored already.
+
+        A stored document dated more than MAX_FUTURE_MS ahead of our clock (accepted before uploads were
+        checked for that) does not count as newer: it would otherwise outrank every honest document for
+        good. The same check refuses such a document here, whoever parsed it.
+        """
+        if from_the_future(handshake):
+            raise HandshakeError(400, f"content.created is more than {MAX_FUTURE_MS // 60_000} minutes in the future")
         key = self._key(owner_address, handshake.handshake_id)
-        current = self._load(key)
-        if current is not None:
+        document = json.dumps(handshake.to_document(), separators=(",", ":"), sort_keys=True).encode()
+        for _ in range(2):
+            current = self._load(key)
+            if current is None:
+                if self._objects.create(key, document):
+                    return self._cache(owner_address, handshake, CREATED)
+                continue  # lost a race with another upload: compare with what it stored
             if current.cbor_payload == handshake.cbor_payload and current.signature == handshake.signature:
                 return UNCHANGED
-            if not newer(handshake, current):
+            if not newer(handshake, current) and not from_the_future(current):
                 raise StaleHandshake("an equal or newer handshake for this sender is stored")
-        document = json.dumps(handshake.to_document(), separators=(",", ":"), sort_keys=True).encode()
-        if current is None:
-            if not self._objects.create(key, document):
-                return self.put(owner_address, handshake)  # lost a race with another upload: compare again
-        else:
             self._objects.put(key, document)
+            return self._cache(owner_address, handshake, REPLACED)
+        # The object exists but does not load: damaged, and a damaged object never grants anything, so the
+        # owner's signed document replaces it (it used to recurse here until the stack ran out: a 503).
+        self._objects.put(key, document)
+        return self._cache(owner_address, handshake, REPLACED)
+
+    def _cache(self, owner_address: str, handshake: Handshake, result: str) -> str:
         try:
             self._redis.hset(self._cache_key(owner_address), handshake.handshake_id, handshake.status)
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
-        return CREATED if current is None else REPLACED
+        return result
 
     def all(self, owner_address: str) -> list[Handshake]:
         handshakes = []
@@ -112,8 +133,9 @@ class HandshakeStore:
         if data is None:
             return None
         try:
-            return parse_signed_handshake(json.loads(data))
-        except (HandshakeError, ValueError):
+            # stored=True: a document dated in the future must still load, so that put() can replace it.
+            return parse_signed_handshake(json.loads(data), stored=True)
+        except (HandshakeError, ValueError, RecursionError):
             return None  # a damaged object never grants anything
 
     @staticmethod
