@@ -98,3 +98,19 @@ def test_gunicorn_refuses_an_oversize_chunked_delivery(gunicorn, environment, po
         f"{gunicorn}/postal/inbound", data=body(), timeout=60, headers={"Content-Type": "application/json"}
     )
     assert response.status_code == 413
+
+
+def test_two_instances_on_one_host_keep_their_own_control_sockets(environment, tmp_path):
+    # gunicorn 27's default control socket is one path per user: a second instance would take it over
+    # and stopping either would delete the other's. gunicorn.conf.py gives each its own.
+    other = {**environment, "BRIDGE_DATA_DIR": str(tmp_path / "other-data")}
+    with gunicorn_process(environment, tmp_path / "a.log") as (first_url, _):
+        first_port = first_url.rsplit(":", 1)[1]
+        first_socket = Path(environment["BRIDGE_DATA_DIR"]) / "run" / f"gunicorn-127.0.0.1-{first_port}.ctl"
+        with gunicorn_process(other, tmp_path / "b.log") as (second_url, _):
+            second_port = second_url.rsplit(":", 1)[1]
+            second_socket = Path(other["BRIDGE_DATA_DIR"]) / "run" / f"gunicorn-127.0.0.1-{second_port}.ctl"
+            assert first_socket.is_socket() and second_socket.is_socket()
+        assert not second_socket.exists()  # the second removed its own ...
+        assert first_socket.is_socket()  # ... and left the first one's alone
+        assert requests.get(f"{first_url}/healthz", timeout=10).status_code == 200

@@ -28,3 +28,19 @@ def test_dashboard_needs_the_operator_password(tmp_path, redis_url, postal_signe
     assert queues.status_code == 200 and "queues" in queues.get_json()
     # the Postal endpoint and the API are not behind the operator's password
     assert client.get("/healthz").status_code == 200
+
+
+def test_a_bug_is_a_short_500_not_a_503(app, caplog):
+    # A 503 tells Postal "a dependency is down, retry for a day": a bug must not hide behind it.
+    @app.get("/test-bug")
+    def bug() -> str:
+        raise KeyError("secret-value")
+
+    with caplog.at_level("ERROR", logger="bridge"):
+        response = app.test_client().get("/test-bug")
+    assert response.status_code == 500
+    assert response.get_json() == {"error": "internal error"}
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "unexpected KeyError at" in logged
+    assert "secret-value" not in logged and "Traceback" not in logged
+    assert not any(r.exc_info for r in caplog.records)
