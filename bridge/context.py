@@ -44,7 +44,8 @@ class Bridge:
             keys = load_public_keys(settings.postal_public_keys) if settings.postal_public_keys else []
         except ValueError as exc:
             raise SettingsError(f"BRIDGE_POSTAL_PUBLIC_KEY: {exc}") from None
-        self.postal_keys = PostalKeyring(keys, settings.postal_jwks_url)
+        # Redis lazily: the last good JWKS is shared between processes, but only a fetch ever needs it.
+        self.postal_keys = PostalKeyring(keys, settings.postal_jwks_url, shared_redis=lambda: self.redis)
         if settings.dns_nameservers:
             try:
                 self.resolver  # noqa: B018 - built now so that a bad entry stops start-up, not a request

@@ -15,9 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from cryptography.hazmat.primitives import serialization
+from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
 
+from bridge import create_app
+from bridge.postal.jwks import SharedJwks
 from bridge.postal.signatures import (
     KeysUnavailable,
     PostalKeyring,
@@ -25,7 +29,10 @@ from bridge.postal.signatures import (
     key_id,
     load_public_keys,
 )
-from tests.postal_sim import PostalSigner, PostalWebServer
+from bridge.settings import Settings
+from tests.conftest import DOMAIN, bridge_environment, make_owner
+from tests.postal_sim import PostalSigner, PostalWebServer, raw_payload, ruby_json
+from tests.test_inbound import MESSAGE
 
 DATA = Path(__file__).parent / "data" / "postal"
 FIXTURE_KID = "27bda43fb78619f6ecbe1c823d607621838d78649b1e8e7e0f76bec0822faac4"
@@ -366,3 +373,100 @@ def test_verification_is_fast(signer: PostalSigner) -> None:
         keyring.verify(body, headers)
     per_call = (time.perf_counter() - start) / 200
     assert per_call < 0.002, f"{per_call * 1000:.3f} ms per verification"
+
+
+# --- the last good JWKS, shared between processes through Redis ----------------------------------------
+#
+# Each Bridge below stands for one web process: its own keyring, its own in-process copy, the suite's
+# real Redis between them. Postal's web host is a real HTTP server, stopped or failing mid-test.
+
+
+def _two_processes(tmp_path: Path, redis_url: str, web: PostalWebServer) -> tuple[Flask, Flask]:
+    env = bridge_environment(tmp_path, redis_url, PostalSigner(bits=1024), BRIDGE_POSTAL_URL=web.url)
+    env.pop("BRIDGE_POSTAL_PUBLIC_KEY")  # JWKS only, as a Postal >= 3.2 install is usually configured
+    first, second = create_app(Settings.from_env(env)), create_app(Settings.from_env(env))
+    make_owner(first.extensions["bridge"], f"support@{DOMAIN}")
+    return first, second
+
+
+def _deliver(app: Flask, signer: PostalSigner, postal_id: int) -> int:
+    body = ruby_json(
+        raw_payload(postal_id=postal_id, rcpt_to=f"support@{DOMAIN}", mail_from="a@example.org", message=MESSAGE)
+    )
+    headers = {**signer.sign_headers(body), "Content-Type": "application/json"}
+    return app.test_client().post("/postal/inbound", data=body, headers=headers).status_code
+
+
+def test_with_postal_down_a_process_uses_the_keys_another_process_fetched(
+    tmp_path: Path, redis_url: str, web: PostalWebServer, signer: PostalSigner
+) -> None:
+    web.jwks = signer.jwks()
+    first, second = _two_processes(tmp_path, redis_url, web)
+    assert _deliver(first, signer, 1) == 200  # fetched Postal's JWKS, and shared it
+    web.close()  # Postal's web host goes away; the second process has never fetched
+    assert _deliver(second, signer, 2) == 200  # before: 503 here while the first process said 200
+    assert _deliver(first, signer, 3) == 200
+    assert web.hits == 1
+
+
+def test_a_newer_set_another_process_fetched_wins_over_an_older_own_one(
+    tmp_path: Path, redis_url: str, web: PostalWebServer, signer: PostalSigner, other_signer: PostalSigner
+) -> None:
+    web.jwks = signer.jwks()
+    first, second = _two_processes(tmp_path, redis_url, web)
+    first.extensions["bridge"].postal_keys._refresh_seconds = 0.0  # refetch on any unknown KID
+    assert _deliver(first, signer, 1) == 200
+    web.jwks = other_signer.jwks()  # Postal rotated its key; only the second process saw it
+    assert _deliver(second, other_signer, 2) == 200
+    web.status = 502  # then Postal's web host fails
+    assert _deliver(first, other_signer, 3) == 200  # its own refetch failed: the shared, newer set
+    assert _deliver(second, other_signer, 4) == 200
+
+
+def test_refetches_stay_rate_limited_when_the_shared_set_stands_in(
+    redis_url: str, web: PostalWebServer, signer: PostalSigner, other_signer: PostalSigner
+) -> None:
+    connection = redis.Redis.from_url(redis_url)
+    web.jwks = signer.jwks()
+    body = b'{"id":20}'
+    assert PostalKeyring([], web.jwks_url, shared_redis=lambda: connection).verify(body, signer.sign_headers(body))
+    web.status = 502
+    late = PostalKeyring([], web.jwks_url, shared_redis=lambda: connection)
+    assert late.verify(body, signer.sign_headers(body)) == signer.kid  # its fetch failed; the shared set
+    assert web.hits == 2
+    for _ in range(20):  # forged or rotated KIDs while Postal is down: one failed fetch, then the limit
+        with pytest.raises(KeysUnavailable):
+            late.verify(body, other_signer.sign_headers(body))
+    assert web.hits == 2
+
+
+def test_with_redis_down_each_process_keeps_its_own_copy(
+    web: PostalWebServer, signer: PostalSigner, other_signer: PostalSigner
+) -> None:
+    dead = redis.Redis.from_url(free_port_url().replace("http://", "redis://"), socket_connect_timeout=0.5)
+    web.jwks = signer.jwks()
+    body = b'{"id":21}'
+    keyring = PostalKeyring([], web.jwks_url, shared_redis=lambda: dead, refresh_seconds=0.0)
+    assert keyring.verify(body, signer.sign_headers(body)) == signer.kid  # sharing failed, quietly
+    web.status = 502
+    assert keyring.verify(body, signer.sign_headers(body)) == signer.kid  # its in-process copy
+    with pytest.raises(KeysUnavailable):  # unknown KID, no JWKS, no Redis: Postal retries later
+        keyring.verify(body, other_signer.sign_headers(body))
+    fresh = PostalKeyring([], web.jwks_url, shared_redis=lambda: dead)
+    with pytest.raises(KeysUnavailable):
+        fresh.verify(body, signer.sign_headers(body))
+
+
+def test_a_shared_set_is_parsed_again_and_its_claimed_kids_are_not_trusted(
+    redis_url: str, web: PostalWebServer, signer: PostalSigner, other_signer: PostalSigner
+) -> None:
+    connection = redis.Redis.from_url(redis_url)
+    lying = json.dumps({"keys": [{**other_signer.jwk(), "kid": signer.kid}]}).encode()
+    SharedJwks(lambda: connection, web.jwks_url).store(lying, time.time())
+    web.status = 502
+    keyring = PostalKeyring([], web.jwks_url, shared_redis=lambda: connection)
+    body = b'{"id":22}'
+    forged = {**other_signer.sign_headers(body), "X-Postal-Signature-KID": signer.kid}
+    with pytest.raises(KeysUnavailable):  # signer's KID is nowhere: the lying entry was dropped
+        keyring.verify(body, forged)
+    assert keyring.known_kids == []

@@ -1,9 +1,10 @@
 """Postal's world; knows nothing of Flask.
 
 signatures.py checks that a request body really comes from Postal (RSA signatures), with the keys that
-keys.py loads (PEM, DNS p= values, JWKS documents) and jwks.py fetches (Postal's JWKS).
+keys.py loads (PEM, DNS p= values, JWKS documents) and jwks.py fetches (Postal's JWKS, the last good one
+shared between processes through Redis: the only state this package keeps outside the process).
 payloads.py turns a verified body into one InboundMessage, with encoding.py (errors, strict base64),
 fields.py (JSON/FormData field access) and rebuild.py (Hash -> MIME). None of these modules touches the
-web framework, the object store or Redis: the web layer calls them with bytes and headers and maps their
+web framework or the object store: the web layer calls them with bytes and headers and maps their
 exceptions to HTTP status codes.
 """

@@ -7,7 +7,8 @@ key). No timestamp or nonce is signed, so replay protection is the caller's job 
 
 Keys come from operator configuration (PEM file, DNS ``p=`` value or a whole DKIM TXT record, see
 keys.py) and/or from Postal's ``/.well-known/jwks.json``, fetched lazily and refetched,
-rate-limited, when an unknown KID shows up (key rotation).
+rate-limited, when an unknown KID shows up (key rotation). When a fetch fails, the last good JWKS any
+process fetched (kept in Redis, see jwks.py) stands in, so every web process answers alike.
 
 Exceptions, and what the web layer answers:
 
@@ -26,16 +27,17 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+import redis
 import requests
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from bridge.postal.jwks import JwksUnavailable, fetch_jwks
+from bridge.postal.jwks import JwksUnavailable, SharedJwks, fetch_jwks
 from bridge.postal.keys import MIN_KEY_BITS, key_id, load_public_keys, parse_jwks
 
 __all__ = [
@@ -111,6 +113,10 @@ class PostalKeyring:
     when an unknown KID arrives, at most once per ``refresh_seconds`` (a failed fetch may be retried after
     ``failure_retry_seconds``), so a stream of forged KIDs cannot turn the bridge into a load generator
     against Postal. Safe to share between threads: lookups read immutable snapshots, fetches are serialized.
+
+    With ``shared_redis`` (a function returning the process's Redis client), every good fetch is shared and a
+    failed one falls back to the newest set any process fetched; without it, or with Redis down, the
+    process keeps its own last good set, as before.
     """
 
     def __init__(
@@ -121,6 +127,7 @@ class PostalKeyring:
         refresh_seconds: float = 300,
         timeout: float = 5.0,
         failure_retry_seconds: float = 10.0,
+        shared_redis: Callable[[], redis.Redis] | None = None,
     ) -> None:
         self._static: dict[str, RSAPublicKey] = {key_id(k): k for k in static_keys}
         self._jwks_url = jwks_url or None
@@ -129,6 +136,8 @@ class PostalKeyring:
         self._timeout = timeout
         self._jwks: dict[str, RSAPublicKey] = {}
         self._jwks_ok: bool | None = None  # None: never fetched; else: did the last fetch succeed?
+        self._jwks_fetched_at = 0.0  # when (epoch seconds) self._jwks was fetched, by us or another process
+        self._shared = SharedJwks(shared_redis, self._jwks_url) if shared_redis is not None and self._jwks_url else None
         self._last_fetch: float | None = None
         self._generation = 0
         self._lock = threading.Lock()
@@ -230,13 +239,31 @@ class PostalKeyring:
                     return
             self._last_fetch = now
             try:
-                fetched = self._fetch()
+                document = self._fetch_document()
+                fetched = _parse_document(document)
             except KeysUnavailable as exc:
                 log.warning("Postal JWKS fetch failed: %s", exc)
                 self._jwks_ok = False  # keep the keys we had: a rotation is not a revocation
+                self._adopt_shared()
             else:
-                self._jwks, self._jwks_ok = fetched, True
+                self._jwks, self._jwks_ok, self._jwks_fetched_at = fetched, True, time.time()
+                if self._shared is not None:
+                    self._shared.store(document, self._jwks_fetched_at)
             self._generation += 1
+
+    def _adopt_shared(self) -> None:
+        """After a failed fetch: take the last good set another process fetched, if newer than ours."""
+        if self._shared is None:
+            return
+        shared = self._shared.load()
+        if shared is None or shared[1] <= self._jwks_fetched_at:
+            return
+        try:
+            self._jwks = _parse_document(shared[0])
+        except KeysUnavailable:
+            return  # not written by us (we store only documents that parsed): ignore it
+        self._jwks_fetched_at = shared[1]
+        log.warning("using the last Postal JWKS fetched by another process (%d keys)", len(self._jwks))
 
     def _fetch_document(self) -> bytes:
         assert self._jwks_url is not None
