@@ -62,6 +62,7 @@ KID_HEADER = "X-Postal-Signature-KID"
 _MAX_SIGNATURE_CHARS = 2048  # a 8192-bit signature is 1368 base64 characters
 
 _KID = re.compile(r"[0-9a-f]{64}")
+_SHARED_CHECK_SECONDS = 1.0
 
 
 class SignatureError(Exception):
@@ -137,6 +138,7 @@ class PostalKeyring:
         self._jwks: dict[str, RSAPublicKey] = {}
         self._jwks_ok: bool | None = None  # None: never fetched; else: did the last fetch succeed?
         self._jwks_fetched_at = 0.0  # when (epoch seconds) self._jwks was fetched, by us or another process
+        self._last_shared_check = float("-inf")
         self._shared = SharedJwks(shared_redis, self._jwks_url) if shared_redis is not None and self._jwks_url else None
         self._last_fetch: float | None = None
         self._generation = 0
@@ -236,6 +238,13 @@ class PostalKeyring:
             if self._last_fetch is not None:
                 interval = self._refresh_seconds if self._jwks_ok else self._failure_retry_seconds
                 if now - self._last_fetch < interval:
+                    # Not our turn to fetch, but another process may have fetched since (a key rotation
+                    # it saw first): its newer set answers this KID as that process does, instead of our
+                    # 401 bouncing the sender. Redis is asked at most once per _SHARED_CHECK_SECONDS.
+                    if now - self._last_shared_check >= _SHARED_CHECK_SECONDS:
+                        self._last_shared_check = now
+                        if self._adopt_shared():
+                            self._generation += 1
                     return
             self._last_fetch = now
             try:
@@ -251,19 +260,20 @@ class PostalKeyring:
                     self._shared.store(document, self._jwks_fetched_at)
             self._generation += 1
 
-    def _adopt_shared(self) -> None:
-        """After a failed fetch: take the last good set another process fetched, if newer than ours."""
+    def _adopt_shared(self) -> bool:
+        """Take the last good set another process fetched if it is newer than ours; True if taken."""
         if self._shared is None:
-            return
+            return False
         shared = self._shared.load()
         if shared is None or shared[1] <= self._jwks_fetched_at:
-            return
+            return False
         try:
             self._jwks = _parse_document(shared[0])
         except KeysUnavailable:
-            return  # not written by us (we store only documents that parsed): ignore it
+            return False  # not written by us (we store only documents that parsed): ignore it
         self._jwks_fetched_at = shared[1]
-        log.warning("using the last Postal JWKS fetched by another process (%d keys)", len(self._jwks))
+        log.info("using the Postal JWKS another process fetched (%d keys)", len(self._jwks))
+        return True
 
     def _fetch_document(self) -> bytes:
         assert self._jwks_url is not None
