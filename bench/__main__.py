@@ -65,6 +65,7 @@ SECTIONS = ("load", "hostile", "e2e", "memory", "where", "screening")
 # The pools (bench/pool.py, bench/dnslab.py). CONTROL holds plain messages numbered apart from PLAIN's, for
 # the hostile mix's extra connections when they are not hostile (both pools go to one bridge there).
 PLAIN, SIGNED, HOSTILE, FRESH, CONTROL = "plain", "signed", "hostile", "fresh", "control"
+BASELINE = "none"  # the hostile mix's load without extra connections
 CONTROL_NUMBERS = 5_000_000
 HOSTILE_SHARES = (1, 3)  # extra connections beside the 8 normal ones: 1 of 9, 3 of 11
 HOSTILE_TIMEOUT = 30.0  # seconds wrk and the hostile driver wait for one answer in the mix
@@ -82,6 +83,7 @@ class Config:
     nofsync: bool
     write_results: bool
     hostile_repeats: int = 2
+    hostile_seconds: float = 6.0
     only: tuple[str, ...] = ()
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
 
@@ -97,6 +99,7 @@ class Run:
     load: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     pool_size: int = 0
     hostile: dict[str, Any] = field(default_factory=dict)
+    section_seconds: dict[str, float] = field(default_factory=dict)
     e2e: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
     stages: list[Any] = field(default_factory=list)
@@ -336,28 +339,31 @@ def measure_hostile(bench: Bench, run: Run) -> None:
         server.start()
         loader.probe(normal)
         loader.run(normal, config.warm_up)
+        seconds = config.hostile_seconds
+        loads = [(0, BASELINE)] + [(connections, kind) for connections in HOSTILE_SHARES for kind in extra]
         for repeat in range(config.hostile_repeats):
-            for connections in HOSTILE_SHARES:
-                for kind, target in extra.items():
-                    count = int(rate[kind] * connections * config.seconds * 2) + 10 * connections
+            for connections, kind in loads:
+                before = lab.resolver.counts()  # building pools asks no DNS: only the bridge's requests do
+                target, driver = extra.get(kind), None
+                if target is not None:
+                    count = int(rate[kind] * connections * seconds * 2) + 10 * connections
                     pool = bench.ensure_pool(target.cursor + count, kind)
-                    before = lab.resolver.counts()
-                    driver = _start_driver(server.url, pool, target.cursor, count, connections, config.seconds)
-                    result: dict[str, Any] = {}
-                    try:
-                        result["normal"] = loader.run(normal, config.seconds, timeout=HOSTILE_TIMEOUT)
-                    finally:
-                        result["extra"] = _finish_driver(driver, config.seconds + 2 * HOSTILE_TIMEOUT)
-                    result["dead_queries"] = lab.resolver.counts()[1] - before[1]
-                    answered = result["extra"]
+                    driver = _start_driver(server.url, pool, target.cursor, count, connections, seconds)
+                result: dict[str, Any] = {"extra": None}
+                try:
+                    result["normal"] = loader.run(normal, seconds, timeout=HOSTILE_TIMEOUT)
+                finally:
+                    if driver is not None:
+                        result["extra"] = _finish_driver(driver, seconds + 2 * HOSTILE_TIMEOUT)
+                result["dead_queries"] = lab.resolver.counts()[1] - before[1]
+                answered = result["extra"]
+                if target is not None and answered is not None:
                     target.cursor += int(answered["sent"])
                     span = max(1e-3, answered["end"] - answered["start"])
                     rate[kind] = max(rate[kind], len(answered["latencies_ms"]) / span / connections)
-                    runs.setdefault(f"{kind}-{connections}", []).append(result)
-                    print(
-                        f"  run {repeat + 1}/{config.hostile_repeats} {report.hostile_line(kind, connections, result)}",
-                        flush=True,
-                    )
+                runs.setdefault(f"{kind}-{connections}", []).append(result)
+                line = report.hostile_line(kind, connections, result)
+                print(f"  run {repeat + 1}/{config.hostile_repeats} {line}", flush=True)
     finally:
         server.stop()
     run.hostile = {"normal": CONNECTIONS, "shares": HOSTILE_SHARES, "runs": runs}
@@ -370,6 +376,8 @@ def measure_hostile(bench: Bench, run: Run) -> None:
                     f"{_socket_errors(normal_result)} socket errors"
                 )
             answered = result["extra"]
+            if answered is None:
+                continue
             if answered["non2xx"] or answered["errors"]:
                 (run.problems if key.startswith(CONTROL) else run.notes).append(
                     f"hostile mix ({key}): {answered['non2xx']} extra deliveries answered non-2xx, "
@@ -636,9 +644,10 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument(
         "--experiment-workers", type=int, default=0, help="gunicorn workers of an extra full/bare pair (0: none)"
     )
-    parser.add_argument("--hostile-repeats", type=int, default=2, help="interleaved runs per hostile share")
-    parser.add_argument("--known-messages", type=int, default=5000, help="screening: messages from known senders")
-    parser.add_argument("--new-senders", type=int, default=300, help="screening: first-time senders (one scrypt each)")
+    parser.add_argument("--hostile-repeats", type=int, default=2, help="interleaved runs per hostile mix load")
+    parser.add_argument("--hostile-seconds", type=float, default=6.0, help="length of each hostile mix run")
+    parser.add_argument("--known-messages", type=int, default=3000, help="screening: messages from known senders")
+    parser.add_argument("--new-senders", type=int, default=200, help="screening: first-time senders (one scrypt each)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers not comparable)")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
     parser.add_argument(
@@ -659,6 +668,7 @@ def parse_args(argv: list[str] | None) -> Config:
         nofsync=not args.no_nofsync,
         write_results=not args.no_write,
         hostile_repeats=args.hostile_repeats,
+        hostile_seconds=args.hostile_seconds,
         screening=ScreeningConfig(known_messages=args.known_messages, new_senders=args.new_senders),
         only=tuple(args.only or ()),
     )
@@ -666,6 +676,7 @@ def parse_args(argv: list[str] | None) -> Config:
         config.write_results = False
     if args.quick:
         config.seconds, config.repeats, config.warm_up, config.hostile_repeats = 2.0, 1, 1.0, 1
+        config.hostile_seconds = 2.0
         config.e2e_count, config.stage_runs = 300, 20
         config.screening = ScreeningConfig(known_messages=500, new_senders=20, profile_messages=200, scrypt_samples=3)
         config.write_results = False
@@ -702,7 +713,9 @@ def main(argv: list[str] | None = None) -> int:
             bench.ensure_pool(max(config.e2e_count, 2000))
             for title, section in sections:
                 print(f"bench: {title}", flush=True)
+                started = time.monotonic()
                 section(bench, run)
+                run.section_seconds[title] = time.monotonic() - started
         except (BenchError, ServerStartError) as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 1

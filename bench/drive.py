@@ -18,9 +18,10 @@ import json
 import sys
 import threading
 import time
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from bench.pool import read_pool
+from bench.pool import index_rows, read_delivery
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if target.hostname != "127.0.0.1":
         raise SystemExit("bench.drive only posts to 127.0.0.1")
     try:
-        deliveries = read_pool(args.index, args.bodies, args.first, args.count)
+        rows = index_rows(args.index, args.first, args.count)  # bodies are read when sent, not held
     except IndexError as exc:
         raise SystemExit(f"bench.drive: {exc}") from None
 
@@ -48,35 +49,43 @@ def main(argv: list[str] | None = None) -> int:
     stop_at = time.monotonic() + args.deadline
 
     def run() -> None:
-        while time.monotonic() < stop_at:
-            with lock:
-                i = state["next"]
-                if i >= len(deliveries):
-                    return
-                state["next"] = i + 1
-            body, headers = deliveries[i]
-            sent = time.perf_counter()
-            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
-            try:
-                conn.request("POST", target.path or "/", body=body, headers=headers)
-                response = conn.getresponse()
-                response.read()
-                status = response.status
-            except OSError:
-                status = -1
-            finally:
-                conn.close()
-            now = time.time()
-            with lock:
-                if status > 0:
-                    latencies.append((time.perf_counter() - sent) * 1000)
-                if 200 <= status < 300:
-                    state["ok"] += 1
-                    state["last_ok"] = max(state["last_ok"], now)
-                elif status < 0:
-                    state["errors"] += 1
-                else:
-                    state["non2xx"] += 1
+        with open(args.bodies, "rb") as data:
+            while send(data):
+                pass
+
+    def send(data: BinaryIO) -> bool:
+        """Post the next delivery; False when the pool or the time is used up."""
+        if time.monotonic() >= stop_at:
+            return False
+        with lock:
+            i = state["next"]
+            if i >= len(rows):
+                return False
+            state["next"] = i + 1
+        body, headers = read_delivery(data, rows[i])
+        sent = time.perf_counter()
+        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+        try:
+            conn.request("POST", target.path or "/", body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            status = response.status
+        except OSError:
+            status = -1
+        finally:
+            conn.close()
+        now = time.time()
+        with lock:
+            if status > 0:
+                latencies.append((time.perf_counter() - sent) * 1000)
+            if 200 <= status < 300:
+                state["ok"] += 1
+                state["last_ok"] = max(state["last_ok"], now)
+            elif status < 0:
+                state["errors"] += 1
+            else:
+                state["non2xx"] += 1
+        return True
 
     workers = [threading.Thread(target=run) for _ in range(args.concurrency)]
     for worker in workers:
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for worker in workers:
         worker.join()
     summary = {"start": start, "end": time.time(), "sent": state["next"], **state}
-    print(json.dumps({**summary, "exhausted": state["next"] >= len(deliveries), "latencies_ms": latencies}), flush=True)
+    print(json.dumps({**summary, "exhausted": state["next"] >= len(rows), "latencies_ms": latencies}), flush=True)
     return 0
 
 

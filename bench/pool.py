@@ -20,6 +20,7 @@ import multiprocessing
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from tests.postal_sim import PostalSigner, new_message, raw_payload, ruby_json
 
@@ -56,16 +57,25 @@ class Pool:
 
 
 def read_pool(index: Path | str, bodies: Path | str, first: int, count: int) -> list[tuple[bytes, dict[str, str]]]:
+    rows = index_rows(index, first, count)
+    with open(bodies, "rb") as data:
+        return [read_delivery(data, row) for row in rows]
+
+
+def index_rows(index: Path | str, first: int, count: int) -> list[list[str]]:
+    """Index lines ``first`` .. ``first + count - 1``, split: (offset, length, kid, sig_sha256)."""
     with open(index) as lines:
         rows = [line.split() for line in lines][first : first + count]
     if len(rows) < count:
         raise IndexError(f"the pool holds {len(rows)} deliveries from {first}, not {count}")
-    out = []
-    with open(bodies, "rb") as data:
-        for offset, length, kid, sig256 in rows:
-            data.seek(int(offset))
-            out.append((data.read(int(length)), signed_headers(kid, sig256)))
-    return out
+    return rows
+
+
+def read_delivery(data: BinaryIO, row: list[str]) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of the delivery an index row names, read from the open bodies file."""
+    offset, length, kid, sig256 = row
+    data.seek(int(offset))
+    return data.read(int(length)), signed_headers(kid, sig256)
 
 
 def signed_headers(kid: str, sig256: str) -> dict[str, str]:

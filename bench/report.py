@@ -44,12 +44,13 @@ def _percentile(values: list[float], share: float) -> float:
 
 def hostile_line(kind: str, connections: int, result: dict[str, Any]) -> str:
     """One progress line of the hostile mix: the normal side's wrk summary, then the extra connections'."""
-    extra = result["extra"]
-    latencies = extra["latencies_ms"]
+    line = f"+{connections} {kind:7s} normal {load_line(result['normal'])}"
+    if result["extra"] is None:
+        return line
+    latencies = result["extra"]["latencies_ms"]
     return (
-        f"+{connections} {kind:7s} normal {load_line(result['normal'])}; extra: {len(latencies)} answered, "
-        f"median {_median(latencies) / 1000:.3f} s, max {max(latencies, default=float('nan')) / 1000:.3f} s; "
-        f"dead-zone queries {result['dead_queries']}"
+        f"{line}; extra: {len(latencies)} answered, median {_median(latencies) / 1000:.3f} s, "
+        f"max {max(latencies, default=float('nan')) / 1000:.3f} s; dead-zone queries {result['dead_queries']}"
     )
 
 
@@ -104,7 +105,14 @@ def render(run: Run, elapsed: float) -> str:
     add("")
     add(
         f"- Date: {run.started:%Y-%m-%d %H:%M} UTC; command: `make bench` (= `.venv/bin/python -m bench`); "
-        f"took {elapsed:.0f} s."
+        f"took {elapsed:.0f} s"
+        + (
+            " ("
+            + ", ".join(f"{title.split(' ', 1)[1]} {sec:.0f} s" for title, sec in run.section_seconds.items())
+            + ")."
+            if run.section_seconds
+            else "."
+        )
     )
     add(
         f"- Machine: nproc {run.machine.get('nproc')}, {run.machine.get('cpu')}, Linux {run.machine.get('kernel')}, "
@@ -445,7 +453,8 @@ def hostile_summary(hostile: dict[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for key, results in hostile.get("runs", {}).items():
         normal = _summary([r["normal"] for r in results])
-        latencies = [x for r in results for x in r["extra"]["latencies_ms"]]
+        extras = [r["extra"] for r in results if r["extra"] is not None]
+        latencies = [x for extra in extras for x in extra["latencies_ms"]]
         out[key] = {
             **normal,
             "max": max(r["normal"]["max_us"] for r in results) / 1000,
@@ -453,14 +462,14 @@ def hostile_summary(hostile: dict[str, Any]) -> dict[str, dict[str, float]]:
             "extra_p50_s": _median(latencies) / 1000,
             "extra_p99_s": _percentile(latencies, 0.99) / 1000,
             "extra_max_s": max(latencies, default=float("nan")) / 1000,
-            "extra_non2xx": float(sum(r["extra"]["non2xx"] + r["extra"]["errors"] for r in results)),
+            "extra_non2xx": float(sum(extra["non2xx"] + extra["errors"] for extra in extras)),
             "dead_per_request": sum(r["dead_queries"] for r in results) / len(latencies) if latencies else float("nan"),
         }
     return out
 
 
 def _hostile_goals(hostile: dict[str, Any]) -> list[str]:
-    attacked = [s for key, s in hostile_summary(hostile).items() if not key.startswith("control")]
+    attacked = [s for key, s in hostile_summary(hostile).items() if key.startswith(("hostile", "fresh"))]
     if not attacked:
         return []
     worst_normal = max(s["max"] for s in attacked) / 1000
@@ -497,34 +506,47 @@ def _hostile(add: Any, run: Run) -> None:
         "referral to it, as a recursive resolver would): one spammer's dead zone; **fresh**, the same but every "
         "delivery's `d=` in a dead domain of its own (`<number>.test`, no zone Knot serves, sent to the same "
         "silent socket): what no memory of unreachable zones can know in advance; **control**, plain deliveries "
-        "like the normal ones at the same concurrency. So a ratio hostile / control is what the hostile DNS "
-        "costs the normal deliveries, apart from the load the extra connections add. "
-        f"Runs of {c.seconds:.0f} s, the six loads interleaved, {c.hostile_repeats} runs each; normal figures "
-        "are medians over runs (max: the slowest over all runs); the extra connections' figures pool every "
+        "like the normal ones at the same concurrency. The baseline is the same bridge and normal load with no "
+        "extra connection: normal / baseline is what the mix costs the normal deliveries in all; normal / "
+        "control what the hostile DNS costs them apart from the load the extra connections add. "
+        f"Runs of {c.hostile_seconds:.0f} s, the seven loads interleaved, {c.hostile_repeats} runs each; normal "
+        "figures are medians over runs (max: the slowest over all runs); the extra connections' figures pool every "
         "answered request. Dead-zone queries: lookups that reached the silent server, per answered hostile "
         "request (5 for a bridge with no memory of unreachable zones)."
     )
     add("")
     add(
         "| extra connections (share of concurrent requests) | extra carry | normal req/s | normal p50 ms "
-        "| normal p99 ms | normal max ms | p50 / control | p99 / control | extra answered | extra p50 s "
-        "| extra p99 s | extra max s | extra non-2xx | dead-zone queries per request |"
+        "| normal p99 ms | normal max ms | p50 / baseline | p99 / baseline | p50 / control | p99 / control "
+        "| extra answered | extra p50 s | extra p99 s | extra max s | extra non-2xx | dead-zone queries per request |"
     )
-    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for connections in hostile.get("shares", ()):
-        control = summary.get(f"control-{connections}")
-        for kind in ("control", "hostile", "fresh"):
-            s = summary.get(f"{kind}-{connections}")
-            if s is None:
-                continue
-            p50 = s["p50"] / control["p50"] if control and control["p50"] else float("nan")
-            p99 = s["p99"] / control["p99"] if control and control["p99"] else float("nan")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = summary.get("none-0")
+
+    def ratio(s: dict[str, float], to: dict[str, float] | None, key: str) -> str:
+        return f"{s[key] / to[key]:.2f}" if to and to[key] else "-"
+
+    rows = [("none (baseline)", "-", base, None)] + [
+        (_share(n, normal), kind, summary.get(f"{kind}-{n}"), summary.get(f"control-{n}"))
+        for n in hostile.get("shares", ())
+        for kind in ("control", "hostile", "fresh")
+    ]
+    for label, kind, s, control in rows:
+        if s is None:
+            continue
+        if kind == "-":
+            extra = "- | - | - | - | - | -"
+        else:
             dead = "-" if kind == "control" else f"{s['dead_per_request']:.2f}"
-            add(
-                f"| {_share(connections, normal)} | {kind} | {s['rps']:.0f} | {s['p50']:.1f} | {s['p99']:.1f} | "
-                f"{s['max']:.0f} | {p50:.2f} | {p99:.2f} | {s['answered']:.0f} | {s['extra_p50_s']:.3f} | "
-                f"{s['extra_p99_s']:.3f} | {s['extra_max_s']:.3f} | {s['extra_non2xx']:.0f} | {dead} |"
+            extra = (
+                f"{s['answered']:.0f} | {s['extra_p50_s']:.3f} | {s['extra_p99_s']:.3f} | {s['extra_max_s']:.3f} | "
+                f"{s['extra_non2xx']:.0f} | {dead}"
             )
+        add(
+            f"| {label} | {kind} | {s['rps']:.0f} | {s['p50']:.1f} | {s['p99']:.1f} | {s['max']:.0f} | "
+            f"{ratio(s, base, 'p50')} | {ratio(s, base, 'p99')} | {ratio(s, control, 'p50')} | "
+            f"{ratio(s, control, 'p99')} | {extra} |"
+        )
     add("")
     per_run = "; ".join(
         f"{key}: " + " / ".join(f"{r['normal']['p99_us'] / 1000:.1f}" for r in results)
