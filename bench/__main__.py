@@ -5,7 +5,7 @@
    and bench/bare.py, loaded by wrk with Postal-signed 20 KB deliveries, interleaved runs.
 2. End to end: one gunicorn worker and one ``python -m bridge worker``; N unique deliveries; time
    until the last 2xx (accepted) and until all N are listed in the folder index (filed).
-3. Memory: one 25 MB message to a gunicorn with one sync worker; that worker's peak RSS growth.
+3. Memory: one 25 MB message to a gunicorn with one worker process; its's peak RSS growth.
 4. Where the time goes: each stage of the request path, timed in-process.
 5. Screening (bench/screening.py): the filing job in-process against a Knot DNS server, known vs
    first-time senders (scrypt runs counted), then end to end with screening on.

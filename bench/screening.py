@@ -18,7 +18,7 @@ how much).
       which must compute none. The two runs are the same job over the same count, cold vs warm.
 
    Plus the price of one ``email_lookup_hash`` and a cProfile of the job over known senders.
-2. End to end: one gunicorn sync worker + one ``python -m bridge worker`` screening against Knot,
+2. End to end: one gunicorn worker process + one ``python -m bridge worker`` screening against Knot,
    deliveries from the known senders, driven and timed by the machinery of section 2.
 
 Every message is DKIM-signed by its sender's domain and sent from an address its SPF allows, so the
@@ -90,8 +90,8 @@ _SIGNED = [b"From", b"To", b"Subject", b"Date", b"MIME-Version", b"Content-Type"
 @dataclass
 class ScreeningConfig:
     known_senders: int = 50
-    known_messages: int = 5000
-    new_senders: int = 300
+    known_messages: int = 3000
+    new_senders: int = 200
     profile_messages: int = 1000
     scrypt_samples: int = 10
 
