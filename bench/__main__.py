@@ -5,13 +5,14 @@
    and bench/bare.py, loaded by wrk with Postal-signed 20 KB deliveries, interleaved runs.
 2. End to end: one gunicorn worker and one ``python -m bridge worker``; N unique deliveries; time
    until the last 2xx (accepted) and until all N are listed in the folder index (filed).
-3. Memory: one 25 MB message to a gunicorn with one worker process; its's peak RSS growth.
+3. Memory: one 25 MB message to a gunicorn with one worker process; that process's peak RSS growth.
 4. Where the time goes: each stage of the request path, timed in-process.
 5. Screening (bench/screening.py): the filing job in-process against a Knot DNS server, known vs
    first-time senders (scrypt runs counted), then end to end with screening on.
 7. Hostile mix: normal deliveries (wrk, 8 connections) while 1 or 3 more connections post deliveries with
-   five DKIM-Signature headers for names in a zone whose DNS never answers (bench/dnslab.py), against the
-   same bridge with no hostile connection, interleaved; the hostile requests' own latency too.
+   five DKIM-Signature headers for names whose DNS never answers (bench/dnslab.py: one dead zone, or a
+   dead domain per delivery), against the same bridge with no extra connection and with extra plain
+   ones (same concurrency), interleaved; the hostile requests' own latency too.
 Optionally one experiment in section 1 (``--experiment-workers N``): full and bare under N processes.
 
 Prints a table and writes it to bench/RESULTS.md. A benchmark, not a test: no timing is asserted;
