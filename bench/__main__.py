@@ -632,7 +632,22 @@ def machine_facts() -> dict[str, str]:
         "python": platform.python_version(),
         "wrk": wrk_version.strip(),
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "tree": tree_state(),
     }
+
+
+def tree_state() -> str:
+    """The commit the run measured, and how many tracked files differed from it (others' work in progress)."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=procs.ROOT, capture_output=True, text=True, check=False)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    head = git("log", "-1", "--format=%h %s")
+    if not head:
+        return "not a git checkout"
+    changed = len(git("status", "--porcelain", "--untracked-files=no").splitlines())
+    return f"`{head[:90]}`" + (f" with {changed} tracked files changed and not committed" if changed else ", clean")
 
 
 def parse_args(argv: list[str] | None) -> Config:

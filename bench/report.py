@@ -120,6 +120,7 @@ def render(run: Run, elapsed: float) -> str:
         f"{run.machine.get('load average at start')}, at end {run.machine.get('load average at end')}. "
         "Shared and noisy: read medians and ratios, not absolutes."
     )
+    add(f"- Tree: {run.machine.get('tree')}.")
     add(
         "- Everything ran on 127.0.0.1: a private redis-server (no persistence), gunicorn, wrk, the bridge's "
         "file:// object store in a temporary directory, a throw-away Postal key."
