@@ -511,3 +511,27 @@ def test_real_world_mail_survives_the_hash_format() -> None:
         msg = parse_mime(from_json.message)
         assert msg[REBUILT_HEADER] == "postal-hash", path.name
         assert len(list(msg.iter_attachments())) <= payload["attachment_quantity"], path.name
+
+
+# --------------------------------------------------------------------------- attachment names
+
+
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "plain.txt",
+        'quote " and back\\slash.txt',
+        "Grüße aus Köln — Übersicht.pdf",
+        "x" * 300 + ".bin",
+        "日本語のファイル名" * 30 + ".txt",
+        "%41 not an escape; name=ugly.txt",
+    ],
+)
+def test_attachment_names_survive_the_rebuild_with_short_lines(filename: str) -> None:
+    attachments = [{"filename": filename, "content_type": "text/plain", "size": 2, "data": encode64(b"hi")}]
+    message = parse_inbound(hash_json(attachments=attachments), JSON, LIMIT).message
+    assert max(len(line) for line in message.split(b"\r\n")) <= 78
+    (part,) = parse_mime(message).iter_attachments()
+    assert part.get_filename() == filename
+    assert part.get_payload(decode=True) == b"hi"
+    assert not any(p.defects for p in parse_mime(message).walk())

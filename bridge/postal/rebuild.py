@@ -146,18 +146,20 @@ def _disposition(filename: str | None) -> str:
     """``attachment`` with its filename: quoted when short ASCII, else RFC 2231 continuations.
 
     Written by hand like the other headers (the stdlib's parameter machinery parses every header it sets,
-    which made thousands of parts cost seconds); continuations of at most 60 characters keep every line
-    short whatever the name's length.
+    which made thousands of parts cost seconds); continuations of 45 characters keep every line
+    short (under 78 characters) whatever the name's length.
     """
     name = _header_text(filename)[:MAX_FILENAME_CHARS] if filename is not None else ""
     if not name:
         return "attachment"
-    if name.isascii() and len(name) <= 60:
-        return 'attachment; filename="{}"'.format(name.replace("\\", "\\\\").replace('"', '\\"'))
+    if name.isascii():
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        if len(quoted) <= 60:  # on a line of its own: under 78 characters
+            return f'attachment;\r\n filename="{quoted}"'
     encoded = quote(name.encode("utf-8"), safe="")
     pieces: list[str] = []
     while encoded:
-        cut = min(60, len(encoded))
+        cut = min(45, len(encoded))
         while "%" in encoded[max(cut - 2, 0) : cut]:  # never split a %XX escape
             cut -= 1
         pieces.append(encoded[:cut])
@@ -210,7 +212,7 @@ def _mime_type(content_type: str | None) -> tuple[str, str]:
     are attached as application/octet-stream (the filename, e.g. ``.eml``, still tells what they are).
     """
     mime = (content_type or "").split(";", 1)[0].strip().lower()
-    if not _MIME_TYPE.fullmatch(mime):
+    if len(mime) > 64 or not _MIME_TYPE.fullmatch(mime):  # 64: the header stays on one short line
         return "application", "octet-stream"
     maintype, subtype = mime.split("/", 1)
     if maintype in ("multipart", "message"):
@@ -285,7 +287,7 @@ def rebuild(fields: Fields, spam_status: str | None, max_message_bytes: int, *, 
         return b"".join((head, b"MIME-Version: 1.0\r\n", body.as_bytes()))
 
     mixed = f"=_postal-hash_{seed}_0"
-    chunks = [head, f'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="{mixed}"\r\n\r\n'.encode()]
+    chunks = [head, f'MIME-Version: 1.0\r\nContent-Type: multipart/mixed;\r\n boundary="{mixed}"\r\n\r\n'.encode()]
     delimiter = f"--{mixed}\r\n".encode("ascii")
     if body is not None:
         _set_boundaries(body, seed, first=1)
