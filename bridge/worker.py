@@ -77,6 +77,7 @@ class BridgeWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.stopping = stopping
         self.redis_lost = False
+        self._tearing_down = False
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         try:
@@ -117,20 +118,27 @@ class BridgeWorker(SimpleWorker):
         log.warning("job %s (%s) failed: %s", job.id, job.func_name, type(exc).__name__)
 
     def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
+        # RQ's handler logs every failed read of the command channel, and re-raises anything else
+        # (a traceback on stderr when teardown closes the channel under the thread): the main loop
+        # reports a lost Redis once, and a channel being closed is no news.
+        if self._tearing_down:
+            return
         if isinstance(exc, _LOST):
-            time.sleep(2.0)  # the main loop notices and says so; one line is enough
+            time.sleep(2.0)
             return
         super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
 
     def teardown(self) -> None:
         """RQ's teardown, step by step, each allowed to fail when Redis is gone."""
+        self._tearing_down = True
         thread = getattr(self, "pubsub_thread", None)
         if thread is not None:
-            thread.stop()
             with suppress(Exception):
-                self.pubsub.unsubscribe()  # type: ignore[union-attr]
+                self.pubsub.unsubscribe()  # type: ignore[union-attr]  # wakes the thread's read
+            thread.stop()
+            thread.join(timeout=2.5)
+            with suppress(Exception):
                 self.pubsub.close()  # type: ignore[union-attr]
-            thread.join(timeout=1)
             self.pubsub_thread = None
         with suppress(*_LOST):
             self.register_death()
@@ -150,7 +158,7 @@ def run_worker(*, burst: bool = False) -> int:
     housekeeping = Housekeeping(bridge, stopping)
     housekeeping.start()
     try:
-        _work_until_stopped(bridge, stopping)
+        _work_until_stopped(bridge, stopping, housekeeping)
     finally:
         stopping.set()
         housekeeping.join(timeout=5)
@@ -168,10 +176,11 @@ def _burst(bridge: Bridge, stopping: threading.Event) -> int:
     return 0
 
 
-def _work_until_stopped(bridge: Bridge, stopping: threading.Event) -> None:
+def _work_until_stopped(bridge: Bridge, stopping: threading.Event, housekeeping: Housekeeping) -> None:
     while not stopping.is_set():
         if not _wait_for_redis(bridge, stopping):
             return
+        housekeeping.sweep_soon()  # Redis may have come back empty: rebuild now, not at the next sweep
         _pick_up(bridge)
         worker = BridgeWorker([bridge.queue.name], connection=_worker_connection(bridge), stopping=stopping)
         try:

@@ -517,3 +517,92 @@ def ceph_rgw() -> Iterator[CephRGW]:
     yield server
     server.stop()
     shutil.rmtree(directory, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fault injection (tests/test_faults.py, tests/test_sweeper.py)
+
+
+def kill_redis(server: RedisServer) -> None:
+    """SIGKILL a RedisServer (no shutdown, no save): ``start()`` then brings it back empty on the same port."""
+    proc = server._proc
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    server._proc = None
+
+
+class StoreDir:
+    """A directory for a filesystem object store that tests can make read-only and full, for real.
+
+    Root ignores file modes, so as root the directory is a small tmpfs that is remounted read-only
+    and filled up; as another user, read-only is a ``chmod`` of every directory (and "full" is not
+    available). ``unsupported(kind)`` says why a kind cannot be done here (None when it can).
+    """
+
+    def __init__(self, path: Path, size_mb: int = 64) -> None:
+        self.path = path
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.mounted = False
+        self._mount_error: str | None = None
+        if os.geteuid() == 0:
+            result = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", str(path)],
+                capture_output=True,
+                check=False,
+            )
+            self.mounted = result.returncode == 0
+            if not self.mounted:
+                self._mount_error = result.stderr.decode(errors="replace").strip() or "mount failed"
+
+    def unsupported(self, kind: str) -> str | None:
+        if self.mounted:
+            return None
+        if kind == "read-only" and os.geteuid() != 0:
+            return None
+        return f"cannot make the store {kind} here: running as root, tmpfs mount refused ({self._mount_error})"
+
+    def read_only(self) -> None:
+        if self.mounted:
+            self._remount("ro")
+        else:
+            for directory, _, _ in os.walk(self.path):
+                os.chmod(directory, 0o500)
+
+    def writable(self) -> None:
+        if self.mounted:
+            self._remount("rw")
+        else:
+            for directory, _, _ in os.walk(self.path):
+                os.chmod(directory, 0o700)
+
+    def fill(self) -> None:
+        """Write a filler file until the filesystem says ENOSPC."""
+        with open(self.path / "filler", "wb", buffering=0) as out:
+            for size in (1 << 20, 4096, 1):
+                with contextlib.suppress(OSError):
+                    while out.write(b"\0" * size):
+                        pass
+
+    def drain(self) -> None:
+        (self.path / "filler").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.mounted:
+            self._remount("rw")
+            for _ in range(50):
+                if subprocess.run(["umount", str(self.path)], capture_output=True, check=False).returncode == 0:
+                    break
+                time.sleep(0.1)
+            self.mounted = False
+
+    def _remount(self, mode: str) -> None:
+        # A remount read-only fails (EBUSY) while a file is open for writing: retry a moment.
+        for _ in range(100):
+            result = subprocess.run(
+                ["mount", "-o", f"remount,{mode}", str(self.path)], capture_output=True, check=False
+            )
+            if result.returncode == 0:
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"remount {mode} failed: {result.stderr.decode(errors='replace').strip()}")

@@ -32,7 +32,7 @@ from rq.job import Job, JobStatus
 from rq.scheduler import RQScheduler
 
 from bridge.context import Bridge
-from bridge.errors import DependencyUnavailable
+from bridge.errors import DependencyUnavailable, RedisUnavailable
 from bridge.inbound import enqueue, enqueue_filing
 from bridge.maintenance import rebuild_index
 from bridge.store.index import FILING, REDIS_ERRORS
@@ -113,12 +113,18 @@ class Housekeeping(threading.Thread):
         self.stopping = stopping
         self.scheduler = RQScheduler([bridge.queue.name], connection=bridge.redis)
         self._trouble: str | None = None
+        self._sweep_now = threading.Event()
+
+    def sweep_soon(self) -> None:
+        """Sweep at the next tick (the worker saw Redis come back: it may have come back empty)."""
+        self._sweep_now.set()
 
     def run(self) -> None:
         next_sweep = 0.0
         while not self.stopping.is_set():
             self._quietly("scheduler", self._schedule)
-            if time.monotonic() >= next_sweep:
+            if time.monotonic() >= next_sweep or self._sweep_now.is_set():
+                self._sweep_now.clear()
                 self._quietly("sweeper", lambda: sweep(self.bridge))
                 next_sweep = time.monotonic() + SWEEP_SECONDS
             self.stopping.wait(SCHEDULE_SECONDS)
@@ -135,10 +141,13 @@ class Housekeeping(threading.Thread):
             self.scheduler.enqueue_scheduled_jobs()
 
     def _quietly(self, what: str, step: Callable[[], object]) -> None:
-        """Run one step; a dependency being down is said once (the worker's main loop says more)."""
+        """Run one step; the object store being down is said once, Redis not at all (the worker's
+        main loop says that Redis went away and when it is back)."""
         try:
             step()
-        except (*REDIS_ERRORS, DependencyUnavailable, StorageUnavailable) as exc:
+        except (*REDIS_ERRORS, RedisUnavailable):
+            return
+        except (DependencyUnavailable, StorageUnavailable) as exc:
             if self._trouble is None:
                 log.warning("%s: paused, %s", what, type(exc).__name__)
             self._trouble = what
