@@ -486,6 +486,7 @@ def test_stopped_s3_endpoint_is_unavailable_quickly(tmp_path: Path) -> None:
         lambda: store.create("k2", b"v"),
         lambda: store.put("k2", b"v"),
         lambda: store.get("k"),
+        lambda: store.exists("k"),
         lambda: store.delete("k"),
         lambda: list(store.list("")),
         store.check,
@@ -586,3 +587,31 @@ def test_store_modules_import_without_the_web_layer() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=True)
     assert result.stdout.strip() == b"False"
+
+
+def test_exists_without_reading(store: ObjectStore) -> None:
+    assert store.exists("mail/a@b.c/1.jwe") is False
+    assert store.create("mail/a@b.c/1.jwe", b"sealed")
+    assert store.exists("mail/a@b.c/1.jwe") is True
+    assert store.create("mail/a@b.c/empty", b"")
+    assert store.exists("mail/a@b.c/empty") is True
+    assert store.exists("mail/a@b.c") is False  # a prefix of other keys is no object (get says None too)
+    store.delete("mail/a@b.c/1.jwe")
+    assert store.exists("mail/a@b.c/1.jwe") is False
+    with pytest.raises(ValueError):
+        store.exists("../outside")
+
+
+def test_exists_on_a_missing_bucket_or_store_is_unavailable_not_absent(
+    s3_bucket: dict[str, str], tmp_path: Path
+) -> None:
+    """A dedupe check that said "absent" here would make a retry store its delivery again."""
+    b = s3_bucket
+    with pytest.raises(StorageUnavailable):
+        s3_store(b["endpoint"], "no-such-bucket-here", b["access_key"], b["secret_key"]).exists("k")
+    root = tmp_path / "objects"
+    store = FileObjectStore(root)
+    assert store.create("mail/a@b.c/1", b"x")
+    shutil.rmtree(root)
+    with pytest.raises(StorageUnavailable):
+        store.exists("mail/a@b.c/1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,14 +166,14 @@ class FileObjectStore:
     def exists(self, key: str) -> bool:
         path = self._path(key)
         try:
-            path.stat()
+            mode = path.stat().st_mode
         except (FileNotFoundError, NotADirectoryError):
             if self._root_broken():  # as in get(): a vanished store is not an absent object
                 raise StorageUnavailable(f"filesystem store root {str(self.root)!r} is missing") from None
             return False
         except OSError as exc:
             raise self._unavailable("exists", exc) from None
-        return True
+        return stat.S_ISREG(mode)  # a "directory" of other keys is no object, as get() says
 
     def delete(self, key: str) -> None:
         path = self._path(key)

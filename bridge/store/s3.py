@@ -196,14 +196,19 @@ class S3ObjectStore:
     def exists(self, key: str) -> bool:
         full = self.prefix + validate_key(key)
         try:
-            self._client.head_object(Bucket=self.bucket, Key=full)
+            # A one-byte ranged GET, not HEAD: a HEAD error has no body, so a missing bucket and a missing
+            # key both read as a bare 404, and "absent" would make a retry store its delivery again.
+            response = self._client.get_object(Bucket=self.bucket, Key=full, Range="bytes=0-0")
+            response["Body"].close()
         except ClientError as exc:
             code, status = self._code(exc)
-            if status == 404 and code != "NoSuchBucket":
+            if code == "InvalidRange" or status == 416:
+                return True  # an empty object has no first byte
+            if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
                 return False
-            raise self._unavailable("HeadObject", exc) from None
+            raise self._unavailable("GetObject", exc) from None
         except BotoCoreError as exc:
-            raise self._unavailable("HeadObject", exc) from None
+            raise self._unavailable("GetObject", exc) from None
         return True
 
     def delete(self, key: str) -> None:
