@@ -63,9 +63,9 @@ def _suite_nameserver() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _dns_for_bridges(knot_dns: Any) -> Iterator[None]:
-    """Every bridge a test builds resolves through the suite's Knot server."""
-    _NAMESERVER[:] = [knot_dns.nameserver]
+def _dns_for_bridges(suite_nameserver: str) -> Iterator[None]:
+    """Every bridge a test builds resolves through the suite's Knot server (a refusing one without Knot)."""
+    _NAMESERVER[:] = [suite_nameserver]
     yield
     _NAMESERVER.clear()
 

@@ -8,8 +8,9 @@ query through ``knot_dns.resolver()``, the bridge's own resolver pointed at the 
 whole session, so a test sets every record it depends on (updates replace the whole RRset) rather than assuming
 a clean zone.
 
-Knot is a Debian package (``apt-get install -y knot knot-dnsutils``); without ``knotd`` the fixture skips.
-The server is stopped by its PID only; nothing else is touched.
+Knot is a Debian package (``apt-get install -y knot knot-dnsutils``); without ``knotd`` the fixture skips, and so
+do only the tests that ask for it: every other test's bridge resolves through ``RefusingDNS`` instead (see
+``suite_nameserver``). The server is stopped by its PID only; nothing else is touched.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -252,3 +254,51 @@ def knot_dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnotDNS]:
         yield server
     finally:
         knot.stop()
+
+
+class RefusingDNS:
+    """Without Knot: a loopback UDP server that answers REFUSED to every question, as Knot does for names
+    outside its zones, so a bridge's lookups fail at once instead of waiting out the resolver's timeout."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.nameserver = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self._sock.recvfrom(4096)
+                response = dns.message.make_response(dns.message.from_wire(data))
+            except (TimeoutError, dns.exception.DNSException):
+                continue
+            except OSError:
+                return
+            response.set_rcode(dns.rcode.REFUSED)
+            self._sock.sendto(response.to_wire(), peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+
+@pytest.fixture(scope="session")
+def suite_nameserver(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Where every bridge a test builds sends its DNS questions: Knot, or without it a server refusing them all.
+
+    Knot is asked for only when it is installed, so a machine without it skips the tests that need real
+    answers (they ask for ``knot_dns`` and carry the ``dns`` marker), not the whole suite.
+    """
+    if KnotServer.installed():
+        yield request.getfixturevalue("knot_dns").nameserver
+        return
+    server = RefusingDNS()
+    try:
+        yield server.nameserver
+    finally:
+        server.close()
