@@ -63,7 +63,10 @@ def sweep(bridge: Bridge) -> list[str]:
                 bridge.index.set_epoch(datetime.now(UTC).isoformat())
             finally:
                 bridge.index.release_rebuild_lock(owner)
-            log.warning(
+            # A new install has nothing to rebuild; mail in the store means Redis lost its data.
+            level = logging.WARNING if counts["filed"] or counts["queued_for_filing"] else logging.INFO
+            log.log(
+                level,
                 "sweeper: Redis had no index (new, or it lost its data): rebuilt it from the object store "
                 "(%d mailboxes, %d messages listed, %d queued for filing)",
                 counts["mailboxes"],
