@@ -14,7 +14,8 @@ code  when                                                        what Postal do
 401   missing, wrong or tampered signature (not from Postal)      hard fail (it was not Postal)
 404   no such mailbox, BRIDGE_UNKNOWN_RECIPIENT=bounce            hard fail, bounces the sender
 429   no such mailbox, BRIDGE_UNKNOWN_RECIPIENT=drop              hard fail, no bounce
-413   over BRIDGE_MAX_MESSAGE_BYTES (checked before reading it)   hard fail, bounces the sender
+413   over BRIDGE_MAX_MESSAGE_BYTES (checked before reading it,   hard fail, bounces the sender
+      then on what Postal sent); a Hash with > 1,000 attachments
 503   Redis, the object store or Postal's JWKS unreachable;       retried for about a day, so
       no signing key configured yet                               nothing is lost
 ====  ==========================================================  ==============================
@@ -128,8 +129,8 @@ def inbound() -> Response:
         return _text("signing keys unavailable, retry later", 503)
     try:
         message = parse_inbound(body, request.content_type or "", settings.max_message_bytes)
-    except MessageTooLarge:
-        return _text("message too large", 413)
+    except MessageTooLarge as exc:
+        return _text(str(exc), 413)  # "message too large", "too many attachments", "too many form fields"
     except PayloadError as exc:
         return _text(f"malformed delivery: {exc}", 400)
     del body
