@@ -441,7 +441,7 @@ DELIVERY = {200, 400, 404, 413}  # stored/duplicate, malformed, unknown mailbox,
 
 @pytest.mark.parametrize("fmt", ["RawMessage", "Hash"])
 def test_signed_structured_garbage_gets_a_deliberate_answer(endpoint: Endpoint, fmt: str) -> None:
-    @settings(max_examples=cases(1500))
+    @settings(max_examples=cases(1200))
     @given(request=signed_requests(fmt))
     def check(request: tuple[bytes, dict[str, str]]) -> None:
         endpoint.post(*request, allowed=DELIVERY)
@@ -451,7 +451,7 @@ def test_signed_structured_garbage_gets_a_deliberate_answer(endpoint: Endpoint, 
     assert endpoint.statuses.get(200, 0) > 0 and endpoint.statuses.get(400, 0) > 0, endpoint.statuses
 
 
-@settings(max_examples=cases(2500))
+@settings(max_examples=cases(3000))
 @given(body=st.binary(max_size=2000), content_type=content_types, which=st.sampled_from(["both", "sha256", "sha1"]))
 def test_signed_random_bytes_are_refused_as_malformed(
     endpoint: Endpoint, body: bytes, content_type: str, which: str
@@ -506,7 +506,7 @@ def bad_signatures(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
     return body, headers
 
 
-@settings(max_examples=cases(2000))
+@settings(max_examples=cases(2500))
 @given(request=bad_signatures())
 def test_unsigned_or_badly_signed_is_401_and_stores_nothing(
     endpoint: Endpoint, request: tuple[bytes, dict[str, str]]
