@@ -192,6 +192,7 @@ def _work_until_stopped(bridge: Bridge, stopping: threading.Event, housekeeping:
             return
         if worker.redis_lost:
             log.warning("worker: Redis went away; waiting for it (no jobs run meanwhile)")
+            _announced.set()
         else:
             log.warning("worker: RQ's work loop ended unexpectedly; starting it again")
             time.sleep(BACKOFF_MAX)  # RQ logged why; do not spin if it keeps ending
@@ -217,7 +218,11 @@ def _worker_connection(bridge: Bridge) -> redis.Redis:
 
 
 def _wait_for_redis(bridge: Bridge, stopping: threading.Event) -> bool:
-    """Block until Redis answers a PING (True) or a stop is requested (False), with backoff."""
+    """Block until Redis answers a PING (True) or a stop is requested (False), with backoff.
+
+    Says so once when it starts waiting (unless the work loop just said Redis went away) and once
+    when Redis answers: two lines per outage, however long it lasts.
+    """
     pause = BACKOFF_FIRST
     waited = False
     while not stopping.is_set():
@@ -228,12 +233,18 @@ def _wait_for_redis(bridge: Bridge, stopping: threading.Event) -> bool:
                 return True
         except _LOST:
             pass
+        if not waited and not _announced.is_set():
+            log.warning("worker: Redis does not answer; waiting for it (no jobs run meanwhile)")
+        _announced.clear()
         waited = True
         deadline = time.monotonic() + pause
         while time.monotonic() < deadline and not stopping.is_set():
             time.sleep(0.1)  # short naps: a signal handler's flag is seen promptly
         pause = min(pause * BACKOFF_FACTOR, BACKOFF_MAX)
     return False
+
+
+_announced = threading.Event()  # the work loop already said Redis went away
 
 
 def _on_signals(action: Callable[[], None]) -> None:
