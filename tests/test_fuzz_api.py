@@ -150,10 +150,13 @@ def _utf8(text: str) -> str:
 
 def _query(rnd: random.Random) -> list[tuple[str, str]]:
     pairs = []
-    for _ in range(rnd.choice([0, 0, 1, 2, 3, 6])):
-        key = rnd.choice(["folder", "limit", "before", "folder", _utf8(random_text(rnd, 8))])
-        pool = FOLDER_VALUES if key == "folder" else NUMBER_VALUES
-        pairs.append((key, rnd.choice(pool) if rnd.random() < 0.8 else _utf8(random_text(rnd, 20))))
+    for key in ("folder", "limit", "before"):
+        for _ in range(rnd.choice([0, 0, 1, 1, 2]) if rnd.random() < 0.5 else 0):  # absent, once or repeated
+            pool = FOLDER_VALUES if key == "folder" else NUMBER_VALUES
+            pairs.append((key, rnd.choice(pool) if rnd.random() < 0.8 else _utf8(random_text(rnd, 20))))
+    if rnd.random() < 0.2:
+        pairs.append((_utf8(random_text(rnd, 8)), _utf8(random_text(rnd, 20))))
+    rnd.shuffle(pairs)
     return pairs
 
 
@@ -204,12 +207,31 @@ def _body(world: World, rnd: random.Random) -> tuple[bytes | None, str | None]:
     return json.dumps(document).encode(), "application/json"
 
 
+# The API's routes with their methods: half the requests take one of them with a real token, so that
+# most of the generated input reaches the views rather than stopping at authentication or routing.
+ROUTES = [
+    ("GET", "/api/v1/messages"),
+    ("GET", "/api/v1/messages/{id}"),
+    ("POST", "/api/v1/messages/{id}/move"),
+    ("PUT", "/api/v1/handshakes"),
+    ("GET", "/api/v1/handshakes"),
+    ("POST", "/api/v1/handshake-offers"),
+]
+
+
 @st.composite
 def api_requests(draw: st.DrawFn, world: World) -> dict[str, Any]:
     rnd = random.Random(draw(st.integers(0, 2**32)))
     body, content_type = _body(world, rnd)
     headers: dict[str, str] = {}
-    authorization = _authorization(world, rnd)
+    if draw(st.booleans()):
+        method, template = draw(st.sampled_from(ROUTES))
+        path = template.format(id=_message_id(world, rnd))
+        who = rnd.choice([world.owner, world.owner, world.other])
+        authorization: str | None = f"{rnd.choice(['Bearer', 'Bearer', 'bearer'])} {who.token}"
+    else:
+        method, path = draw(st.sampled_from(METHODS)), _path(world, rnd)
+        authorization = _authorization(world, rnd)
     if authorization is not None:
         headers["Authorization"] = authorization
     if content_type is not None:
@@ -219,8 +241,8 @@ def api_requests(draw: st.DrawFn, world: World) -> dict[str, Any]:
             random_text(rnd, 40)
         )
     return {
-        "method": draw(st.sampled_from(METHODS)),
-        "path": _path(world, rnd),
+        "method": method,
+        "path": path,
         "query": _query(rnd),
         "headers": headers,
         "body": body,
