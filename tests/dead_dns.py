@@ -51,8 +51,6 @@ class RelayResolver:
     def __init__(self, knot: KnotDNS) -> None:
         self.knot = knot
         self.silenced = 0  # queries that went into a dead zone (answered by nobody)
-        self._silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._silent.bind((LOOPBACK, 0))  # bound and never read: the dead zone's name server
         relay = self
 
         class Udp(socketserver.BaseRequestHandler):
@@ -74,8 +72,9 @@ class RelayResolver:
                 if answer is not None:
                     conn.sendall(struct.pack("!H", len(answer)) + answer)
 
-        self._udp = socketserver.ThreadingUDPServer((LOOPBACK, 0), Udp)
-        self._tcp = socketserver.ThreadingTCPServer((LOOPBACK, self._udp.server_address[1]), Tcp)
+        self._udp, self._tcp = _bind_pair(Udp, Tcp)
+        self._silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._silent.bind((LOOPBACK, 0))  # bound and never read: the dead zone's name server
         self._threads = [
             threading.Thread(target=server.serve_forever, daemon=True) for server in (self._udp, self._tcp)
         ]
@@ -110,6 +109,19 @@ class RelayResolver:
             server.shutdown()
             server.server_close()
         self._silent.close()
+
+
+def _bind_pair(
+    udp_handler: type[socketserver.BaseRequestHandler], tcp_handler: type[socketserver.BaseRequestHandler]
+) -> tuple[socketserver.ThreadingUDPServer, socketserver.ThreadingTCPServer]:
+    """UDP and TCP servers on one free port (DNS clients fall back to TCP on the same port)."""
+    for _ in range(50):
+        udp = socketserver.ThreadingUDPServer((LOOPBACK, 0), udp_handler)
+        try:
+            return udp, socketserver.ThreadingTCPServer((LOOPBACK, udp.server_address[1]), tcp_handler)
+        except OSError:
+            udp.server_close()  # that port is taken for TCP: try another
+    raise RuntimeError("no free port for both UDP and TCP on loopback")
 
 
 def _read(conn: socket.socket, size: int) -> bytes:
