@@ -110,8 +110,9 @@ def test_a_batch_of_new_senders_with_dead_dns_is_filed_within_the_batch_budget(
         started = time.monotonic()
         run_worker(bridge_)
         elapsed = time.monotonic() - started
-        # 20 senders x 2-4 s of dead DNS each took a minute or more in series; now the batch budget bounds it.
-        assert elapsed < 6, f"filing took {elapsed:.1f} s"
+        # 20 senders x 2-4 s of dead DNS each took a minute or more in series; now the 2 s batch budget
+        # bounds it (the rest is a busy machine's margin for screening and writing 20 records).
+        assert elapsed < 10, f"filing took {elapsed:.1f} s"
         listed = _listed(app, owner, "other")
         assert len(listed) == 20
         assert {r["verdicts"]["spf"] for r in listed} == {"temperror"}
