@@ -11,7 +11,9 @@ process, repairs both without a new delivery and without an operator:
   time, then set the marker;
 * stored-but-unfiled mail and no filing job alive (none noted, or the noted one finished, failed,
   vanished, or started longer ago than its time limit allows) -> queue filing;
-* SPF/DMARC re-evaluations due and no re-evaluation job alive -> queue one.
+* SPF/DMARC re-evaluations due and no re-evaluation job alive -> queue one;
+* jobs of a killed worker whose time limit has passed are retried (RQ's registry cleanup, which RQ
+  itself runs only every ten minutes).
 
 RQ's own scheduler (it moves retries whose delay has passed back into the queue) runs in the same
 thread: RQ's forked scheduler process dies with a traceback when Redis goes away and is only
@@ -74,6 +76,9 @@ def sweep(bridge: Bridge) -> list[str]:
                 counts["queued_for_filing"],
             )
             done.append("rebuilt")
+    # Jobs of a killed worker, once their time limit has passed: RQ retries them (every bridge job
+    # has retries) or fails them. RQ's own workers do this only every ten minutes.
+    bridge.queue.started_job_registry.cleanup()
     waiting = bridge.index.unfiled_count()
     if waiting and not job_alive(bridge, bridge.index.noted_job(FILING)):
         enqueue_filing(bridge)
