@@ -47,6 +47,15 @@ def assert_deliberate(status: int, body: bytes, *, allowed: set[int] | None = No
         assert leak not in body, f"{status} answer leaks {leak!r}: {body[:300]!r}"
 
 
+class Blob(bytes):
+    """A request body whose repr stays short when hypothesis reports a failing example (bodies reach 64 KB)."""
+
+    def __repr__(self) -> str:
+        if len(self) <= 200:
+            return f"Blob({bytes(self)!r})"
+        return f"Blob({bytes(self[:120])!r} ... {bytes(self[-40:])!r}, {len(self)} bytes)"
+
+
 def store_snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every object under the store's root: path -> (size, mtime in ns). A rewrite changes the mtime."""
     snapshot: dict[str, tuple[int, int]] = {}

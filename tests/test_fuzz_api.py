@@ -27,7 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from bridge.mailio.handshakes import sign_handshake
 from tests.conftest import DOMAIN, Owner, make_owner, run_worker
-from tests.fuzzing import assert_deliberate, cases, header_safe, snapshot_diff, store_root, store_snapshot
+from tests.fuzzing import Blob, assert_deliberate, cases, header_safe, snapshot_diff, store_root, store_snapshot
 from tests.postal_sim import PostalSigner, raw_payload, ruby_json
 from tests.test_fuzz_inbound import random_json, random_text
 
@@ -248,7 +248,7 @@ def api_requests(draw: st.DrawFn, world: World) -> dict[str, Any]:
         "path": path,
         "query": _query(rnd),
         "headers": headers,
-        "body": body,
+        "body": Blob(body) if body is not None else None,
     }
 
 

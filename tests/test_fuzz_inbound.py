@@ -31,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import DOMAIN
-from tests.fuzzing import assert_deliberate, cases, header_safe, store_root
+from tests.fuzzing import Blob, assert_deliberate, cases, header_safe, store_root
 from tests.postal_sim import PostalSigner, form_encode, hash_payload, new_message, raw_payload, ruby_json
 
 pytestmark = pytest.mark.fuzz
@@ -377,7 +377,7 @@ def signed_requests(draw: st.DrawFn, fmt: str) -> tuple[bytes, dict[str, str]]:
     content_type = JSON if encoding == "BodyAsJSON" else FORM
     if draw(st.integers(0, 5)) == 0:
         content_type = draw(content_types)
-    return body, sign(body, content_type, draw(st.sampled_from(["both", "sha256", "sha1"])))
+    return Blob(body), sign(body, content_type, draw(st.sampled_from(["both", "sha256", "sha1"])))
 
 
 def sign(body: bytes, content_type: str, which: str, signer: PostalSigner | None = None) -> dict[str, str]:
@@ -456,7 +456,7 @@ def test_signed_structured_garbage_gets_a_deliberate_answer(endpoint: Endpoint, 
 
 
 deep_bodies = st.builds(
-    lambda opening, depth, closed: opening * depth + (b"]" * depth if closed else b""),
+    lambda opening, depth, closed: Blob(opening * depth + (b"]" * depth if closed else b"")),
     st.sampled_from([b"[", b'{"message":', b'{"id":1,"token":"t","attachments":[']),
     st.sampled_from([100, 1000, 30000]),
     st.booleans(),
@@ -519,7 +519,7 @@ def bad_signatures(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
         headers = {"Content-Type": content_type, name: value[: draw(st.integers(0, len(value) - 1))]}
     else:
         headers = {"Content-Type": content_type, "X-Postal-Signature-KID": good["X-Postal-Signature-KID"]}
-    return body, headers
+    return Blob(body), headers
 
 
 @settings(max_examples=cases(2500))
