@@ -223,11 +223,13 @@ def records(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> list[dns
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
         return []
     except dns.exception.Timeout as exc:
+        _reraise_foreign(exc)
         # A budget nearly spent is this delivery's limit, not evidence about the zone: remember real waits.
         if memory is not None and zone is not None and time.monotonic() - started >= _CONVICTING_WAIT:
             memory.mark(zone)
         raise DNSUnavailable(f"DNS timeout asking {rdtype} {name}") from exc
     except dns.resolver.NoNameservers as exc:
+        _reraise_foreign(exc)
         if memory is not None and zone is not None:
             memory.mark(zone)
         raise DNSUnavailable(f"no DNS server answered {rdtype} {name} (SERVFAIL or refused)") from exc
@@ -236,6 +238,23 @@ def records(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> list[dns
     if answer.rrset is None:
         return []
     return list(answer.rrset)
+
+
+_QUERY_ERRORS = (dns.exception.DNSException, OSError, EOFError, NotImplementedError, ValueError)
+
+
+def _reraise_foreign(exc: dns.exception.DNSException) -> None:
+    """Re-raise an exception that interrupted a query but is no DNS trouble (RQ's job time limit, say).
+
+    dnspython catches every exception a query raises, records it against the name server and tries
+    again until the lifetime ends: a job's time limit (SIGALRM raising inside the socket wait) would
+    otherwise become "DNS timeout" and the job would run on past its limit.
+    """
+    errors = getattr(exc, "kwargs", {}).get("errors") or ()
+    for error in errors:
+        raised = error[3] if isinstance(error, tuple) and len(error) > 3 else None
+        if isinstance(raised, BaseException) and not isinstance(raised, _QUERY_ERRORS):
+            raise raised
 
 
 def _cached(resolver: dns.resolver.Resolver, qname: dns.name.Name, rdtype: str) -> bool:

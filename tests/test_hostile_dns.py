@@ -19,10 +19,12 @@ from typing import Any
 
 import pytest
 import redis
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from bridge import create_app
 from bridge.context import Bridge
 from bridge.dns import DNSUnavailable, UnreachableZones, dns_budget, make_resolver, records
+from bridge.mail.auth import authenticate_sender
 from bridge.settings import Settings
 from tests.conftest import DOMAIN, Owner, make_owner
 from tests.dead_dns import RelayResolver, delegate_dead
@@ -184,3 +186,24 @@ def test_a_budget_bounds_every_lookup_inside_it(relay: RelayResolver) -> None:
             with pytest.raises(DNSUnavailable):
                 records(resolver, f"k{n}.budget-{uuid.uuid4().hex[:6]}.test", "TXT")
     assert time.monotonic() - started < 1.5
+
+
+def test_a_job_time_limit_fires_inside_spf_and_dmarc_lookups(relay: RelayResolver) -> None:
+    # RQ enforces a job's time limit with SIGALRM, raised wherever the job is: pyspf's and DMARC's
+    # broad error handling must let it end the job instead of turning it into a verdict.
+    resolver = make_resolver([relay.nameserver], timeout=2.0)
+    domain = f"spf-{uuid.uuid4().hex[:8]}.test"  # in no zone: the lookup goes to a server that never answers
+    started = time.monotonic()
+    with pytest.raises(JobTimeoutException), UnixSignalDeathPenalty(1, JobTimeoutException):
+        authenticate_sender(
+            from_address=f"a@{domain}",
+            client_ip="192.0.2.1",
+            helo=domain,
+            mail_from=f"a@{domain}",
+            dkim_result="none",
+            dkim_domains=(),
+            resolver=resolver,
+        )
+    # dnspython holds the exception until the lookup's lifetime (2 s) ends, then it is raised: not 2 x 2 s
+    # of SPF and DMARC, and never the verdict of a finished job.
+    assert time.monotonic() - started < 3.5

@@ -35,6 +35,7 @@ from typing import Any
 import dkim
 import dns.resolver
 import spf
+from rq.timeouts import BaseTimeoutException
 
 from bridge.dns import DNSUnavailable, organizational_domain, records, txt_records
 from bridge.mail.headers import SenderFacts
@@ -59,6 +60,10 @@ MAX_DKIM_SIGNATURES = 5
 SPF_TIME_LIMIT = 20.0
 
 _POLICIES = ("none", "quarantine", "reject")
+
+#: RQ's job time limit arrives as an exception inside whatever the job is doing; the broad handlers
+#: below (hostile input makes dkimpy and pyspf raise anything) must let it through.
+_TIMEOUTS = (BaseTimeoutException,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,8 @@ def _dkim_one(signer: dkim.DKIM, idx: int, resolver: dns.resolver.Resolver) -> t
     except dkim.ValidationError as exc:
         # dkimpy reports a body altered after signing as a ValidationError; other ones are malformed tags.
         return ("fail" if "body hash mismatch" in str(exc) else "permerror"), None
+    except _TIMEOUTS:
+        raise  # a job's time limit (RQ's SIGALRM) must end the job, not become a verdict
     except Exception:  # dkimpy raises many types on hostile input; none of them is a pass
         return "permerror", None
     if key_missing:
@@ -160,6 +167,8 @@ def _dkim(message: bytes, resolver: dns.resolver.Resolver) -> tuple[str, tuple[s
     try:
         signer = dkim.DKIM(message)
         count = sum(1 for name, _ in signer.headers if name.lower() == b"dkim-signature")
+    except _TIMEOUTS:
+        raise
     except Exception:  # an unparseable header block: nothing can verify
         return "permerror", ()
     if count == 0:
@@ -225,6 +234,8 @@ def _spf(
     token = _SPF_RESOLVER.set(resolver)
     try:
         result, _explanation = spf.check2(i=client_ip, s=sender, h=helo, querytime=SPF_TIME_LIMIT)
+    except _TIMEOUTS:
+        raise
     except Exception:  # pyspf turns DNS and record errors into results; anything else is its bug
         log.warning("SPF check crashed for domain %s", domain, exc_info=True)
         return "permerror", domain
