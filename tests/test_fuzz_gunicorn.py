@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from bridge.context import Bridge
 from bridge.settings import Settings
 from tests.conftest import DOMAIN, Owner, make_owner
-from tests.fuzzing import assert_deliberate, cases, store_root
+from tests.fuzzing import Blob, assert_deliberate, cases, store_root
 from tests.postal_sim import PostalSigner
 from tests.test_fuzz_inbound import SIGNER, bad_signatures, random_text, signed_requests
 from tests.webproc import gunicorn_process
@@ -121,3 +122,66 @@ def test_gunicorn_answers_generated_requests_deliberately_and_stays_up(deployed:
 
     check()
     assert deployed.sent >= cases(300) * 9 // 10  # the cases really ran
+
+
+@st.composite
+def raw_http(draw: st.DrawFn) -> bytes:
+    """A request as bytes on the wire, framed wrongly in every way gunicorn and the bridge must survive:
+    chunk sizes that are not hex or lie, Content-Length and Transfer-Encoding together or repeated,
+    bodies cut short, junk where the request line or a header belongs."""
+    rnd = random.Random(draw(st.integers(0, 2**32)))
+    path = rnd.choice(["/postal/inbound", "/api/v1/messages", "/api/v1/handshakes", "/healthz", "/x"])
+    method = rnd.choice(["POST", "PUT", "GET", "POST"])
+    body = rnd.randbytes(rnd.randrange(200))
+    lines = [f"{method} {path} HTTP/1.1", "Host: bridge", "Content-Type: application/json"]
+    framing = draw(st.sampled_from(["length", "short", "chunked", "bad_chunk", "both", "two_lengths", "junk"]))
+    if framing == "length":
+        lines.append(f"Content-Length: {len(body)}")
+        payload = body
+    elif framing == "short":  # announces more than it sends; the client then closes its side
+        lines.append(f"Content-Length: {len(body) + rnd.randrange(1, 10_000)}")
+        payload = body
+    elif framing in ("chunked", "bad_chunk"):
+        lines.append("Transfer-Encoding: chunked")
+        size = f"{len(body):x}" if framing == "chunked" else rnd.choice(["zz", "-1", "", "1" * 20, "0x10", "5;x=\x00"])
+        payload = size.encode() + b"\r\n" + body + (b"\r\n0\r\n\r\n" if rnd.random() < 0.7 else b"")
+    elif framing == "both":
+        lines += [f"Content-Length: {len(body)}", "Transfer-Encoding: chunked"]
+        payload = body
+    elif framing == "two_lengths":
+        lines += [f"Content-Length: {len(body)}", f"Content-Length: {len(body) + 1}"]
+        payload = body
+    else:
+        lines[rnd.randrange(len(lines))] = random_text(rnd, 60).encode("utf-8", "replace").decode("latin-1")
+        payload = body
+    if rnd.random() < 0.3:
+        lines.append("Authorization: " + rnd.choice(["Bearer x", "Basic", "Bearer " + "y" * 9000]))
+    return Blob("\r\n".join(lines).encode("latin-1", "replace") + b"\r\n\r\n" + payload)
+
+
+def test_gunicorn_survives_misframed_requests(deployed: Deployed) -> None:
+    port = int(deployed.url.rsplit(":", 1)[1])
+
+    @settings(max_examples=cases(150))
+    @given(wire=raw_http())
+    def check(wire: bytes) -> None:
+        before = deployed.objects()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(wire)
+            conn.shutdown(socket.SHUT_WR)  # nothing more is coming: no one waits out a read deadline
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        if answer:  # closing without a word is allowed for garbage; a word must be a deliberate one
+            status_line = answer.split(b"\r\n", 1)[0]
+            assert status_line.startswith(b"HTTP/1."), answer[:200]
+            status = int(status_line.split()[1])
+            assert_deliberate(status, answer.split(b"\r\n\r\n", 1)[-1])
+            if status >= 400:
+                assert deployed.objects() == before
+        deployed.sent += 1
+        if deployed.sent % 25 == 0:
+            deployed.up()
+
+    check()
+    assert deployed.sent >= cases(150) * 9 // 10  # the cases really ran
