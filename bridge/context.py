@@ -17,6 +17,7 @@ import redis
 from rq import Queue
 
 from bridge.dns import UnreachableZones, make_resolver
+from bridge.postal.client import PostalClient
 from bridge.postal.signatures import PostalKeyring, load_public_keys
 from bridge.settings import Settings, SettingsError
 from bridge.store.contacts import ContactBook
@@ -96,6 +97,11 @@ class Bridge:
     @cached_property
     def contacts(self) -> ContactBook:
         return ContactBook(self.objects, self.redis)
+
+    @cached_property
+    def postal_client(self) -> PostalClient:
+        """Postal's send and message API; PostalNotConfigured (a SettingsError) without URL and API key."""
+        return PostalClient.from_settings(self.settings)
 
     @cached_property
     def auth_cache(self) -> dict[Any, Any]:

@@ -40,6 +40,10 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "Postal's signing public key(s): PEM paths or DNS p= values, comma separated",
     ),
     "BRIDGE_POSTAL_API_KEY": ("", "Postal API credential for the send API (outbound)"),
+    "BRIDGE_POSTAL_TIMEOUT": (
+        "15",
+        "seconds each call to Postal's send/message API may take to connect, and to each read of its answer",
+    ),
     "BRIDGE_UNKNOWN_RECIPIENT": (
         "bounce",
         "bounce (answer 404: Postal bounces) or drop (answer 429: dropped silently)",
@@ -96,6 +100,7 @@ class Settings:
     web_threads: int = 8
     read_timeout: float = 10.0
     dkim_dns_budget: float = 2.0
+    postal_timeout: float = 15.0
 
     @property
     def postal_jwks_url(self) -> str | None:
@@ -169,6 +174,7 @@ class Settings:
             web_threads=threads,
             read_timeout=read_timeout,
             dkim_dns_budget=dkim_budget,
+            postal_timeout=_seconds("BRIDGE_POSTAL_TIMEOUT", get("BRIDGE_POSTAL_TIMEOUT"), maximum=300),
         )
 
 
