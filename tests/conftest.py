@@ -25,7 +25,7 @@ from bridge.settings import Settings
 from bridge.store.mailboxes import Mailbox
 from tests.postal_sim import PostalSigner
 
-pytest_plugins = ["tests.servers", "tests.dns_server"]
+pytest_plugins = ["tests.servers", "tests.dns_server", "tests.postal_api"]
 
 DOMAIN = "mail.example.test"
 
