@@ -26,6 +26,7 @@ from bridge.store.index import MailIndex
 from bridge.store.mailboxes import MailboxDirectory
 from bridge.store.messages import MessageStore
 from bridge.store.objects import ObjectStore, open_object_store
+from bridge.store.outbound import OutboundStore
 
 QUEUE_NAME = "bridge"
 
@@ -66,6 +67,11 @@ class Bridge:
         raise SettingsError("BRIDGE_REDIS_URL is required (`make run` starts a private Redis when it is unset)")
 
     @cached_property
+    def outbound_redis(self) -> redis.Redis:
+        """Short timeouts: Postal waits 5 s for an event's answer, and a quick 503 makes it retry."""
+        return redis.Redis.from_url(self.redis_url, socket_timeout=1.5, socket_connect_timeout=1)
+
+    @cached_property
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(
             self.redis_url,
@@ -102,6 +108,11 @@ class Bridge:
     def postal_client(self) -> PostalClient:
         """Postal's send and message API; PostalNotConfigured (a SettingsError) without URL and API key."""
         return PostalClient.from_settings(self.settings)
+
+    @cached_property
+    def outbound(self) -> OutboundStore:
+        """Outbound records and their per-recipient delivery states (``bridge.store.outbound``)."""
+        return OutboundStore(self.objects, self.outbound_redis)
 
     @cached_property
     def auth_cache(self) -> dict[Any, Any]:
