@@ -197,6 +197,7 @@ class RunSession:
     """What one ``python -m bridge run`` did, from start to Ctrl-C, as seen from outside."""
 
     url: str
+    data_dir: str
     printed: str = ""
     filed: list[dict[str, Any]] = field(default_factory=list)
     children: set[int] = field(default_factory=set)
@@ -213,7 +214,7 @@ def _start_and_interrupt(tmp: Path, signer: PostalSigner) -> RunSession:
     env.pop("BRIDGE_REDIS_URL")  # so it starts its private redis-server, as `make run` does
     env |= {"BRIDGE_LISTEN": f"127.0.0.1:{port}", "BRIDGE_WEB_WORKERS": "2"}
     full_env = {**{k: v for k, v in os.environ.items() if k != "BRIDGE_REDIS_URL"}, **env, "PYTHONPATH": str(ROOT)}
-    session = RunSession(url=f"http://127.0.0.1:{port}")
+    session = RunSession(url=f"http://127.0.0.1:{port}", data_dir=env["BRIDGE_DATA_DIR"])
     with (tmp / "run.out").open("wb") as out, (tmp / "run.err").open("wb") as err:
         # Its own process group, like a shell's foreground job: Ctrl-C is SIGINT to that whole group.
         proc = subprocess.Popen(
@@ -297,6 +298,12 @@ def test_run_serves_and_files_mail(run_session: RunSession) -> None:
     assert f"running at {run_session.url}" in run_session.printed and "/postal/inbound" in run_session.printed
     [record] = run_session.filed  # its own worker filed the delivery, without anyone running one
     assert record["folder"] == "other" and record["status"] == "filed"
+    # gunicorn 27's control socket is its own, under the data directory, never the per-user default that
+    # a second instance on the host would share (and delete on its way down)
+    sockets = [
+        line.rsplit(" ", 1)[-1] for line in run_session.stderr.splitlines() if "Control socket listening at" in line
+    ]
+    assert sockets and all(path.startswith(run_session.data_dir) for path in sockets), sockets
 
 
 def test_ctrl_c_stops_run_and_everything_it_started(run_session: RunSession) -> None:
