@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+#: sysexits.h: a temporary failure, try again later (``discover`` when DNS did not answer).
+EX_TEMPFAIL = 75
+
+
 class CommandError(Exception):
     """A command cannot do what was asked; the message is shown as one line."""
 
@@ -79,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     rescreen = verbs.add_parser("rescreen", help="re-file a mailbox's screened mail by its current handshakes")
     rescreen.add_argument("email")
     rescreen.set_defaults(func=cmd_rescreen)
+    discover = verbs.add_parser(
+        "discover", help="how mail to DOMAIN travels (Mailio, SMTP or none), as one JSON object; 75: retry later"
+    )
+    discover.add_argument("domain")
+    discover.add_argument("--fresh", action="store_true", help="ask DNS even if an answer is cached")
+    discover.set_defaults(func=cmd_discover)
 
     handshake = verbs.add_parser("handshake", help="client side: approve, revoke and list senders").add_subparsers(
         dest="action", required=True
@@ -318,6 +328,17 @@ def cmd_rescreen(args: argparse.Namespace) -> int:
     context.use(bridge)
     print(json.dumps({"email": mailbox.email, "moved": rescreen_mailbox(mailbox.address)}))
     return 0
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from bridge.mailio.discovery import InvalidDomain
+
+    try:
+        route = _bridge().discovery.discover(args.domain, fresh=args.fresh)
+    except InvalidDomain as exc:
+        raise CommandError(str(exc)) from None
+    print(json.dumps(route.to_json()))
+    return EX_TEMPFAIL if route.temporary else 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

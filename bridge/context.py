@@ -17,6 +17,7 @@ import redis
 from rq import Queue
 
 from bridge.dns import UnreachableZones, make_resolver
+from bridge.mailio.discovery import Discovery
 from bridge.postal.client import PostalClient
 from bridge.postal.signatures import PostalKeyring, load_public_keys
 from bridge.settings import Settings, SettingsError
@@ -134,6 +135,24 @@ class Bridge:
             shared = None  # no Redis configured (a CLI command): this process's own memory only
         resolver.unreachable = UnreachableZones(shared)
         return resolver
+
+    @cached_property
+    def discovery(self) -> Discovery:
+        """Mailio discovery (MIR-5): routes per mail domain, cached in Redis for every process.
+
+        Without a configured Redis (a CLI command) it answers from DNS alone.
+        """
+        try:
+            shared: redis.Redis | None = self.redis
+        except SettingsError:
+            shared = None
+        return Discovery(
+            self.resolver,
+            shared,
+            candidates=self.settings.discovery_candidates,
+            max_ttl=self.settings.discovery_max_ttl,
+            negative_ttl=self.settings.discovery_negative_ttl,
+        )
 
 
 def embedded_redis_socket(settings: Settings) -> Path:

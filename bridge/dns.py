@@ -27,15 +27,18 @@ import ipaddress
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
+import dns.ttl
 from publicsuffixlist import PublicSuffixList
 from redis.exceptions import RedisError
 
@@ -43,8 +46,10 @@ from bridge.errors import DependencyUnavailable
 
 __all__ = [
     "DNSUnavailable",
+    "Lookup",
     "UnreachableZones",
     "dns_budget",
+    "lookup",
     "make_resolver",
     "organizational_domain",
     "records",
@@ -200,10 +205,34 @@ def records(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> list[dns
     hostile From: domain can carry) all mean "no record". Timeouts, SERVFAIL and unreachable servers raise
     :class:`DNSUnavailable`, and so does a spent ``dns_budget`` or a zone remembered as unreachable.
     """
+    return lookup(resolver, name, rdtype).records
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What :func:`lookup` learnt beyond the records: how long the answer holds and who vouched for it."""
+
+    records: list[dns.rdata.Rdata] = field(default_factory=list)
+    #: Seconds the answer may be kept: the records' TTL, or for "no record" the zone's negative TTL (RFC 2308;
+    #: 0 when the answer carried no SOA to take it from).
+    ttl: float = 0.0
+    #: The resolver set the AD flag: it validated the answer with DNSSEC (only a validating resolver that
+    #: was asked with AD or DO sets it; a plain one leaves it clear, which proves nothing either way).
+    authenticated: bool = False
+    #: The name does not exist (NXDOMAIN, or a name that cannot exist in DNS), as opposed to "no such record".
+    nxdomain: bool = False
+
+
+def lookup(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> Lookup:
+    """:func:`records` plus the answer's TTL, AD flag and NXDOMAIN-ness, with the same errors.
+
+    For callers that cache what they learn (Mailio discovery) and must not keep an answer longer than DNS
+    allows, or that report whether DNSSEC vouched for it.
+    """
     try:
         qname = dns.name.from_text(name)
     except (dns.exception.DNSException, UnicodeError, ValueError):
-        return []
+        return Lookup(nxdomain=True)
     lifetime = None
     deadline = _DEADLINE.get()
     if deadline is not None:
@@ -220,8 +249,10 @@ def records(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> list[dns
     started = time.monotonic()
     try:
         answer = resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False, lifetime=lifetime)
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
-        return []
+    except dns.resolver.NXDOMAIN as exc:
+        return _negative(exc)
+    except (dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
+        return Lookup()
     except dns.exception.Timeout as exc:
         _reraise_foreign(exc)
         # A budget nearly spent is this delivery's limit, not evidence about the zone: remember real waits.
@@ -235,9 +266,24 @@ def records(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> list[dns
         raise DNSUnavailable(f"no DNS server answered {rdtype} {name} (SERVFAIL or refused)") from exc
     except dns.exception.DNSException as exc:
         raise DNSUnavailable(f"DNS error asking {rdtype} {name}: {type(exc).__name__}") from exc
-    if answer.rrset is None:
-        return []
-    return list(answer.rrset)
+    return Lookup(
+        records=[] if answer.rrset is None else list(answer.rrset),
+        # From the resolver's cache too: the expiration was set when the answer arrived.
+        ttl=max(0.0, answer.expiration - time.time()),
+        authenticated=bool(answer.response.flags & dns.flags.AD),
+    )
+
+
+def _negative(exc: dns.resolver.NXDOMAIN) -> Lookup:
+    """NXDOMAIN with the negative TTL and AD flag of the response that said so (the last name asked)."""
+    try:
+        response = exc.response(exc.qnames()[-1])
+        ttl = float(response.resolve_chaining().minimum_ttl)
+    except (dns.exception.DNSException, KeyError, IndexError, TypeError):
+        return Lookup(nxdomain=True)
+    # Without an SOA, dnspython reports the maximum TTL: no negative TTL was given, so keep it for none.
+    ttl = 0.0 if ttl >= dns.ttl.MAX_TTL else ttl
+    return Lookup(ttl=ttl, authenticated=bool(response.flags & dns.flags.AD), nxdomain=True)
 
 
 _QUERY_ERRORS = (dns.exception.DNSException, OSError, EOFError, NotImplementedError, ValueError)

@@ -73,6 +73,12 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "seconds of DNS all of one delivery's DKIM key lookups may take before answering Postal (temperror after)",
     ),
     "BRIDGE_LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
+    "BRIDGE_DISCOVERY_CANDIDATES": (
+        "@,mio,mailio,didcomm",
+        "Mailio discovery: where mailio._mailiokey.<prefix>.<domain> is looked up, in order; @ is the domain itself",
+    ),
+    "BRIDGE_DISCOVERY_MAX_TTL": ("3600", "seconds a found route (mailio or smtp) is cached at most (DNS TTLs cap it)"),
+    "BRIDGE_DISCOVERY_NEGATIVE_TTL": ("300", "seconds a `none` route is cached at most (DNS negative TTLs cap it)"),
 }
 
 _DOMAIN = re.compile(
@@ -101,6 +107,9 @@ class Settings:
     read_timeout: float = 10.0
     dkim_dns_budget: float = 2.0
     postal_timeout: float = 15.0
+    discovery_candidates: tuple[str, ...] = ("", "mio", "mailio", "didcomm")
+    discovery_max_ttl: int = 3600
+    discovery_negative_ttl: int = 300
 
     @property
     def postal_jwks_url(self) -> str | None:
@@ -174,6 +183,9 @@ class Settings:
             web_threads=threads,
             read_timeout=read_timeout,
             dkim_dns_budget=dkim_budget,
+            discovery_candidates=_candidates(get("BRIDGE_DISCOVERY_CANDIDATES")),
+            discovery_max_ttl=_positive_int("BRIDGE_DISCOVERY_MAX_TTL", get("BRIDGE_DISCOVERY_MAX_TTL")),
+            discovery_negative_ttl=_positive_int("BRIDGE_DISCOVERY_NEGATIVE_TTL", get("BRIDGE_DISCOVERY_NEGATIVE_TTL")),
             postal_timeout=_seconds("BRIDGE_POSTAL_TIMEOUT", get("BRIDGE_POSTAL_TIMEOUT"), maximum=300),
         )
 
@@ -196,6 +208,15 @@ def _seconds(name: str, value: str, *, maximum: float) -> float:
     if not 0 < number <= maximum:  # also refuses nan and inf
         raise SettingsError(f"{name} must be more than 0 and at most {maximum:g} seconds")
     return number
+
+
+def _candidates(value: str) -> tuple[str, ...]:
+    """``@,mio,mailio`` -> ``("", "mio", "mailio")``: the prefixes of MIR-5's candidate names, ``@`` the domain."""
+    prefixes = tuple("" if p.strip() == "@" else p.strip().lower().strip(".") for p in value.split(","))
+    label = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+    if any(p and not re.match(rf"^{label}(\.{label})*$", p) for p in prefixes) or len(set(prefixes)) != len(prefixes):
+        raise SettingsError("BRIDGE_DISCOVERY_CANDIDATES must be distinct host-name prefixes or @, comma separated")
+    return prefixes
 
 
 def _boolean(name: str, value: str) -> bool:
