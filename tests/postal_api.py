@@ -45,7 +45,7 @@ from tests.postal_sim import ruby_json
 
 API_KEY = "postal-test-key-9f3k2LmQ"
 _TOKEN_ALPHABET = string.ascii_letters + string.digits
-_FAULT_KINDS = ("slow", "http", "reset", "drop", "error")
+_FAULT_KINDS = ("slow", "drip", "http", "reset", "drop", "error")
 
 
 @dataclass
@@ -81,6 +81,7 @@ class Fault:
     code: str = "ServerSuspended"
     message: str | None = None
     delay: float = 2.0
+    size: int = 0
 
 
 class PostalSendAPI:
@@ -125,21 +126,23 @@ class PostalSendAPI:
         code: str = "ServerSuspended",
         message: str | None = None,
         delay: float = 2.0,
+        size: int = 0,
         accept: bool | None = None,
     ) -> None:
         """Misbehave on the next ``times`` requests.
 
-        ``slow``: accept, then answer after ``delay`` s · ``http``: answer ``status`` (accepting first only
-        with ``accept=True``) · ``reset``: accept, send the headers and half the body, then RST · ``drop``:
+        ``slow``: accept, then answer after ``delay`` s · ``drip``: accept, then send the answer in 8 pieces
+        ``delay`` s apart · ``http``: answer ``status`` with a proxy's HTML page (at least ``size`` bytes; a
+        ``Location`` for 3xx), accepting first only with ``accept=True`` · ``reset``: accept, send the headers and half the body, then RST · ``drop``:
         accept, then RST before any answer byte · ``error``: answer Postal's error ``code``, accepting nothing
         (``message`` as its ``data.message``, if given).
         """
         if kind not in _FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}")
         if accept is None:
-            accept = kind in ("slow", "reset", "drop")
+            accept = kind in ("slow", "drip", "reset", "drop")
         with self._lock:
-            self._faults.extend(Fault(kind, accept, status, code, message, delay) for _ in range(times))
+            self._faults.extend(Fault(kind, accept, status, code, message, delay, size) for _ in range(times))
 
     @contextlib.contextmanager
     def refusing(self) -> Iterator[None]:
@@ -227,12 +230,21 @@ class PostalSendAPI:
                 handler, 200, self._error(started, fault.code, {"message": fault.message} if fault.message else {})
             )
         if fault is not None and fault.kind == "http" and not fault.accept:
-            return _send(handler, fault.status, b"<html><body>Bad Gateway</body></html>", "text/html")
+            return self._proxy_page(handler, fault)
         status, answer = self._answer(handler, path, body, started)
         if fault is None:
             return _send(handler, status, answer)
         if fault.kind == "http":
-            return _send(handler, fault.status, b"<html><body>Bad Gateway</body></html>", "text/html")
+            return self._proxy_page(handler, fault)
+        if fault.kind == "drip":
+            head = f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(answer)}\r\n\r\n"
+            with contextlib.suppress(OSError):
+                handler.wfile.write(head.encode())
+                for i in range(8):
+                    if self._closing.wait(fault.delay):
+                        break
+                    handler.wfile.write(answer[i * len(answer) // 8 : (i + 1) * len(answer) // 8])
+            return None
         if fault.kind == "slow":
             self._closing.wait(fault.delay)
             with contextlib.suppress(OSError):
@@ -244,6 +256,18 @@ class PostalSendAPI:
             time.sleep(0.05)  # let the client read the head before the reset
         _reset(handler.connection)  # reset, or drop: nothing answered at all
         return None
+
+    def _proxy_page(self, handler: BaseHTTPRequestHandler, fault: Fault) -> None:
+        page = b"<html><body>" + b" " * fault.size + b"Bad Gateway</body></html>"
+        if 300 <= fault.status < 400:
+            handler.send_response(fault.status)
+            handler.send_header("Location", f"{self.url}/api/v1/send/raw")
+            handler.send_header("Content-Length", str(len(page)))
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            handler.wfile.write(page)
+            return
+        _send(handler, fault.status, page, "text/html")
 
     def _answer(self, handler: BaseHTTPRequestHandler, path: str, body: bytes, started: float) -> tuple[int, bytes]:
         actions = {

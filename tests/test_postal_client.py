@@ -207,6 +207,37 @@ def test_5xx_is_uncertain(postal: PostalClient, postal_api: PostalSendAPI, statu
     assert sum(postal_api.accepted.values()) == int(accept)
 
 
+def test_trickling_answer_is_cut_at_twice_the_timeout(postal: PostalClient, postal_api: PostalSendAPI) -> None:
+    postal_api.fail_next("drip", delay=0.6 * TIMEOUT)  # every piece within the read timeout, the whole not
+    started = time.monotonic()
+    result = postal.send_raw(SENDER, ["bob@example.org"], mime())
+    assert isinstance(result, Uncertain) and result.code == "ReadTimeout"
+    assert time.monotonic() - started < 3 * TIMEOUT
+    assert postal_api.accepted == {"bob@example.org": 1}
+
+
+def test_oversized_answer_is_uncertain(postal: PostalClient, postal_api: PostalSendAPI) -> None:
+    postal_api.fail_next("http", status=200, size=2 * 1024 * 1024, accept=True)
+    result = postal.send_raw(SENDER, ["bob@example.org"], mime())
+    assert isinstance(result, Uncertain) and result.code == "AnswerTooLarge"
+
+
+@pytest.mark.parametrize("status", [408, 429])
+def test_proxy_that_did_not_pass_it_on_is_temporary(
+    postal: PostalClient, postal_api: PostalSendAPI, status: int
+) -> None:
+    postal_api.fail_next("http", status=status)
+    result = postal.send_raw(SENDER, ["bob@example.org"], mime())
+    assert result == Temporary(f"HTTP {status}", "not passed on to Postal", status)
+
+
+def test_redirect_is_permanent_and_not_followed(postal: PostalClient, postal_api: PostalSendAPI) -> None:
+    postal_api.fail_next("http", status=301)  # e.g. http:// redirected to https://: fix BRIDGE_POSTAL_URL
+    result = postal.send_raw(SENDER, ["bob@example.org"], mime())
+    assert result == Permanent("HTTP 301", "Postal answered HTTP 301", 301)
+    assert len(postal_api.seen) == 1 and not postal_api.accepted
+
+
 def test_unparseable_200_is_uncertain(postal: PostalClient, postal_api: PostalSendAPI) -> None:
     postal_api.fail_next("http", status=200, accept=True)  # an HTML page with a 200
     result = postal.send_raw(SENDER, ["bob@example.org"], mime())

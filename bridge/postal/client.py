@@ -305,13 +305,15 @@ class PostalClient:
             status = response.status_code
             body = bytearray()
             try:
-                for chunk in response.iter_content(chunk_size=65536):
+                # read1: whatever has arrived, so a trickling answer meets the deadline (read() would wait
+                # for all 64 KB, each socket read within the timeout but the whole without a bound).
+                while chunk := response.raw.read1(65536):
                     body += chunk
                     if len(body) > limit:
                         return maybe("AnswerTooLarge", "Postal's answer was too large", status)
                     if time.monotonic() - started > 2 * self.timeout:
                         return maybe("ReadTimeout", "Postal's answer took too long", status)
-            except requests.RequestException as exc:  # all of these come after the request went out
+            except (urllib3.exceptions.HTTPError, OSError) as exc:  # all come after the request went out
                 return maybe(type(exc).__name__, "the answer broke off", status)
         if status != 200:
             return _http_failure(status, maybe)
