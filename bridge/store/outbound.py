@@ -1,14 +1,11 @@
 """Outbound records: one per message an owner sent, one entry per recipient with an explicit state.
 
-System of record: ``outbound/<owner address>/<msg id>.json`` in the object store::
-
-    {"owner", "id", "message_id" (the Message-ID the bridge set, without <>), "created_at", "updated_at",
-     "recipients": [{"address", "route": "smtp"|"mailio"|"none"|null, "state", "reason", "updated_at",
-                     "postal": {"id", "token"}|null, "attempts": [...], "events": [...], "event_at"}]}
-
-``attempts`` are the send path's calls (``start_attempt``/``end_attempt``); ``events`` the last
-``EVENT_HISTORY`` Postal events seen for the recipient (uuid, kind, Postal's time, applied or not): a
-re-applied event is recognised by its uuid, so applying is idempotent even when Redis lost the dedupe key.
+System of record: ``outbound/<owner address>/<msg id>.json``: ``{"owner", "id", "message_id" (the
+Message-ID the bridge set, without <>), "created_at", "updated_at", "recipients": [{"address", "route":
+"smtp"|"mailio"|"none"|null, "state", "reason", "updated_at", "postal": {"id", "token"}|null, "attempts",
+"events", "event_at"}]}``. ``attempts`` are the send path's calls; ``events`` the last EVENT_HISTORY
+Postal events seen for the recipient (uuid, kind, Postal's time, applied or not), so re-applying an
+event is recognised by its uuid even when Redis lost the webhook's dedupe key.
 
 States and the one transition rule (``may_move``), by rank; nothing moves backwards::
 
@@ -23,17 +20,14 @@ States and the one transition rule (``may_move``), by rank; nothing moves backwa
     5     bounced    MessageBounced                            final
 
 Equal ranks move too (a newer reason), except an event older than the last applied one. Only
-``reopen`` (an explicit resend by the owner) puts a recipient back to ``queued``.
+``reopen`` (the owner's explicit resend) puts a recipient back to ``queued``.
 
-Redis (rebuildable from the store by ``rebuild_index``, except pending events)::
+Redis, under ``bridge:outbound:`` (``rebuild_index`` restores all but ``pending`` from the store):
+``postal:<postal id>`` -> {owner, id, address, token}; ``mid:<sha256 of the Message-ID>`` ->
+"<owner>/<msg id>"; ``pending:<owner>/<msg id>``: hash uuid -> event, kept for recipients whose
+Postal id is not recorded yet (applied by record_postal and set_state(uncertain)); ``lock:<owner>/<msg id>``.
 
-    outbound:postal:<postal id>   JSON {owner, id, address, token}: event -> recipient
-    outbound:mid:<sha256(Message-ID)[:40]>  "<owner>/<msg id>": events of uncertain/unrecorded sends
-    outbound:pending:<owner>/<msg id>  hash uuid -> event, for recipients whose Postal id is not
-                                  recorded yet; applied by record_postal / set_state(uncertain)
-    outbound:lock:<owner>/<msg id>  the per-message lock
-
-Concurrency: events for one message arrive on several threads and processes at once and the send
+Concurrency: events for one message arrive on several threads and processes at once, and the send
 path updates the same record. The object store has no compare-and-set overwrite (S3 and the
 filesystem offer create-only writes, not If-Match), so every read-modify-write of a record holds a
 short Redis lock per message (SET NX PX with a random token, released only by its holder). A holder
@@ -168,6 +162,8 @@ class OutboundStore:
     def set_state(self, owner: str, msg_id: str, address: str, state: str, reason: str | None = None) -> bool:
         """Move one recipient if ``may_move`` allows; True if it moved. ``uncertain`` also applies the
         events kept for it, matched by its address (the Postal id was never learnt)."""
+        if state not in RANK:
+            raise ValueError(f"unknown state {state!r}")
         moved: list[bool] = []
 
         def change(record: dict[str, Any]) -> None:
@@ -335,17 +331,21 @@ class OutboundStore:
     # --- plumbing -------------------------------------------------------------------------------
 
     def _update(self, owner: str, msg_id: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        """Read, change and write one record under its lock; then refresh its Postal ids in the index."""
+        """Read, change and write one record under its lock; then refresh its Postal ids in the index.
+
+        Raises NoSuchRecord (a KeyError) when the record or a named recipient does not exist."""
         with self._locked(owner, msg_id):
             record = self.get(owner, msg_id)
             if record is None:
                 raise NoSuchRecord("no such outbound record")
             before = _dump(record)
             change(record)
-            if _dump(record) != before:
+            changed = _dump(record) != before
+            if changed:
                 record["updated_at"] = time.time()
                 self._objects.put(_key(owner, msg_id), _dump(record))
-        self._index(record)
+        if changed:  # after the store: an index entry never points at a record not yet written
+            self._index(record)
         return record
 
     @contextlib.contextmanager
@@ -404,17 +404,8 @@ def _move(entry: dict[str, Any], state: str, reason: str | None) -> None:
 
 
 def _recipient(address: str, now: float) -> dict[str, Any]:
-    return {
-        "address": address,
-        "route": None,
-        "state": QUEUED,
-        "reason": None,
-        "updated_at": now,
-        "postal": None,
-        "attempts": [],
-        "events": [],
-        "event_at": None,
-    }
+    fields = {"address": address, "route": None, "state": QUEUED, "reason": None, "updated_at": now}
+    return fields | {"postal": None, "attempts": [], "events": [], "event_at": None}
 
 
 def _find(record: dict[str, Any], address: str) -> dict[str, Any] | None:
