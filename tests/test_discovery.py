@@ -20,12 +20,20 @@ from typing import Any
 import dns.flags
 import dns.message
 import dns.query
+import dns.rdata
 import pytest
 import redis
 
 from bridge.context import Bridge
 from bridge.dns import UnreachableZones, make_resolver
-from bridge.mailio.discovery import CACHE_PREFIX, Discovery, InvalidDomain, normalize_domain, parse_mailio_record
+from bridge.mailio.discovery import (
+    CACHE_PREFIX,
+    Discovery,
+    InvalidDomain,
+    mail_exchangers,
+    normalize_domain,
+    parse_mailio_record,
+)
 from bridge.settings import Settings
 from tests.dead_dns import RelayResolver, delegate_dead
 
@@ -176,6 +184,14 @@ def test_mx_only_is_smtp_sorted_by_preference(bridge: Bridge, knot_dns: Any) -> 
     knot_dns.set(domain, "MX", f"20 b.{domain}.", f"10 Z.{domain}.", f"10 a.{domain}.")
     route = bridge.discovery.discover(domain)
     assert route.route == "smtp" and route.mx == (f"a.{domain}", f"z.{domain}", f"b.{domain}")
+
+
+def test_mx_hosts_are_ordered_by_preference_whatever_order_they_arrive_in() -> None:
+    # Knot sends an RRset in canonical order (preference first), so the order of another server is built here.
+    arrived = [
+        dns.rdata.from_text("IN", "MX", text) for text in ("30 c.test.", "10 B.test.", "20 a.test.", "10 b.test.")
+    ]
+    assert mail_exchangers(arrived) == ("b.test", "a.test", "c.test")
 
 
 def test_null_mx_is_none(bridge: Bridge, knot_dns: Any) -> None:

@@ -54,6 +54,7 @@ __all__ = [
     "Discovery",
     "InvalidDomain",
     "Route",
+    "mail_exchangers",
     "normalize_domain",
     "parse_mailio_record",
 ]
@@ -165,6 +166,15 @@ def parse_mailio_record(text: str) -> bytes:
     if len(key) != KEY_LENGTH:
         raise ValueError(f"the key is {len(key)} bytes; an Ed25519 key is {KEY_LENGTH}")
     return key
+
+
+def mail_exchangers(mx: list[Any]) -> tuple[str, ...]:
+    """MX hosts, most preferred first (then by name, for a stable answer), each once, without the final dot.
+
+    Servers may return an RRset in any order; the order of delivery attempts is the preference's.
+    """
+    exchanges = sorted((r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in mx)
+    return tuple(dict.fromkeys(host for _, host in exchanges))
 
 
 def _tags(parts: list[str]) -> dict[str, str] | None:
@@ -286,10 +296,8 @@ class Discovery:
         if not mx:
             reason = f"no Mailio record and no MX for {name}{skipped}"
             return self._route(NONE, name, reason, answers, refused)
-        exchanges = sorted((r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in mx)
-        hosts = tuple(dict.fromkeys(host for _, host in exchanges))
         reason = f"no Mailio record; MX for {name}{skipped}"
-        return self._route(SMTP, name, reason, answers, refused, mx=hosts)
+        return self._route(SMTP, name, reason, answers, refused, mx=mail_exchangers(mx))
 
     def _route(
         self, route: str, name: str, reason: str, answers: list[Lookup], refused: list[str], **found: Any
