@@ -19,7 +19,18 @@ import requests
 from bridge import create_app
 from bridge.settings import Settings
 from bridge.store import outbound
-from bridge.store.outbound import BOUNCED, DELAYED, DELIVERED, FAILED, HELD, QUEUED, RANK, UNCERTAIN, may_move
+from bridge.store.outbound import (
+    BOUNCED,
+    DELAYED,
+    DELIVERED,
+    FAILED,
+    HELD,
+    QUEUED,
+    RANK,
+    UNCERTAIN,
+    may_move,
+    public_recipients,
+)
 from bridge.web.events import COUNTS
 from tests.conftest import bridge_environment
 from tests.postal_sim import PostalSigner, ruby_json
@@ -134,10 +145,24 @@ def test_create_collapses_recipients_and_record_postal_accepts(sent):
     # create is create-only: a retried job gets the stored record back, states kept
     again = sent.outbound.create(OWNER, MSG, f"<{MESSAGE_ID}>", [ANN])
     assert len(again["recipients"]) == 2 and again["recipients"][0]["state"] == "accepted"
+    waiting = sent.outbound.waiting(time.time() + 1)
+    assert {(w.owner, w.id, w.address) for w in waiting} == {(OWNER, MSG, "Ann@Example.net"), (OWNER, MSG, BOB)}
+    sent.outbound.set_state(OWNER, MSG, BOB, DELIVERED)
+    assert [w.address for w in sent.outbound.waiting(time.time() + 1)] == ["Ann@Example.net"]
+    assert sent.outbound.waiting(0) == []
+    assert public_recipients(sent.outbound.get(OWNER, MSG))[1] == {
+        "address": BOB,
+        "route": None,
+        "state": DELIVERED,
+        "reason": None,
+        "updated_at": pytest.approx(time.time(), abs=30),
+        "postal": {"id": 7002, "token": "tokBob"},
+    }
     sent.redis.flushall()  # Redis lost its index: rebuilt from the store
     assert sent.outbound.find_postal(7002) is None
     assert sent.outbound.rebuild_index() == 1
     assert sent.outbound.find_postal(7002).address == BOB
+    assert len(sent.outbound.waiting(time.time() + 1)) == 1
     assert sent.outbound.find_message_id(f"<{MESSAGE_ID}>") == (OWNER, MSG)
 
 

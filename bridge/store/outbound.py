@@ -24,8 +24,9 @@ Equal ranks move too (a newer reason), except an event older than the last appli
 
 Redis, under ``bridge:outbound:`` (``rebuild_index`` restores all but ``pending`` from the store):
 ``postal:<postal id>`` -> {owner, id, address, token}; ``mid:<sha256 of the Message-ID>`` ->
-"<owner>/<msg id>"; ``pending:<owner>/<msg id>``: hash uuid -> event, kept for recipients whose
-Postal id is not recorded yet (applied by record_postal and set_state(uncertain)); ``lock:<owner>/<msg id>``.
+"<owner>/<msg id>"; ``waiting``: sorted set "<owner>/<msg id>/<address>" -> updated_at of OPEN
+recipients; ``pending:<owner>/<msg id>``: hash uuid -> event, kept for recipients whose Postal id is
+not recorded yet (applied by record_postal and set_state(uncertain)); ``lock:<owner>/<msg id>``.
 
 Concurrency: events for one message arrive on several threads and processes at once, and the send
 path updates the same record. The object store has no compare-and-set overwrite (S3 and the
@@ -58,6 +59,8 @@ DELIVERED, FAILED, BOUNCED = "delivered", "failed", "bounced"
 RANK = {QUEUED: 0, UNCERTAIN: 1, ACCEPTED: 2, DELAYED: 3, HELD: 3, DELIVERED: 4, FAILED: 5, BOUNCED: 5}
 FINAL = frozenset({FAILED, BOUNCED})
 ROUTES = ("smtp", "mailio", "none")
+OPEN = frozenset({UNCERTAIN, ACCEPTED, DELAYED, HELD})  # waiting on Postal: the reconciler's work
+WAITING = PREFIX + "outbound:waiting"
 
 INDEX_SECONDS = 30 * 86400  # bounces can come days after Postal's ~31 h of delivery attempts
 PENDING_SECONDS = 3 * 86400
@@ -258,6 +261,12 @@ class OutboundStore:
         owner, _, msg_id = as_text(raw).partition("/")
         return owner, msg_id
 
+    def waiting(self, updated_before: float, limit: int = 100) -> list[Location]:
+        """Recipients left ``uncertain``/``accepted``/``delayed``/``held`` since before ``updated_before``,
+        oldest first: what a reconciler asks Postal's message API about (its webhooks stop after ~36 min)."""
+        members = self._call(lambda: self._redis.zrangebyscore(WAITING, "-inf", updated_before, start=0, num=limit))
+        return [Location(*as_text(m).split("/", 2)) for m in members]
+
     def rebuild_index(self) -> int:
         """Re-index every record from the store (after Redis lost its data); returns how many."""
         count = 0
@@ -366,6 +375,11 @@ class OutboundStore:
         if record.get("message_id"):
             pipe.set(_mid_key(record["message_id"]), f"{record['owner']}/{record['id']}", ex=INDEX_SECONDS)
         for entry in record["recipients"]:
+            member = f"{record['owner']}/{record['id']}/{entry['address']}"
+            if entry["state"] in OPEN:
+                pipe.zadd(WAITING, {member: entry["updated_at"]})
+            else:
+                pipe.zrem(WAITING, member)
             if entry["postal"] is not None:
                 where = {"owner": record["owner"], "id": record["id"], "address": entry["address"]}
                 value = json.dumps(where | {"token": entry["postal"]["token"]})
@@ -381,6 +395,12 @@ class OutboundStore:
 
 
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+def public_recipients(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the owner's API shows of each recipient (attempts and Postal's event history stay inside)."""
+    names = ("address", "route", "state", "reason", "updated_at", "postal")
+    return [{name: entry[name] for name in names} for entry in record["recipients"]]
 
 
 def _apply(entry: dict[str, Any], event: PostalEvent) -> str:
