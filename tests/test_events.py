@@ -408,3 +408,15 @@ def test_an_event_through_gunicorn(tmp_path, environment, sent, postal_signer):
     assert state(sent) == DELIVERED
     assert "postal event MessageSent: applied" in log.read_text()
     assert ANN not in log.read_text().lower() and "tokAnn" not in log.read_text()
+
+
+def test_after_an_explicit_resend_the_earlier_copys_events_move_nothing(client, bridge, postal_signer):
+    bridge.outbound.create(OWNER, MSG, f"<{MESSAGE_ID}>", [ANN])
+    bridge.outbound.set_state(OWNER, MSG, ANN, UNCERTAIN, "timed out after sending")
+    assert post(client, postal_signer, event("MessageDelayed", message(8300, "old", ANN))).get_data() == b"applied\n"
+    record = bridge.outbound.reopen(OWNER, MSG, ANN)
+    assert (record["recipients"][0]["state"], record["recipients"][0]["postal"]) == (QUEUED, None)
+    bridge.outbound.record_postal(OWNER, MSG, {ANN: {"id": 8301, "token": "new"}})
+    assert post(client, postal_signer, event("MessageBounced", message(8300, "old", ANN))).get_data() == b"stale\n"
+    assert post(client, postal_signer, event("MessageSent", message(8301, "new", ANN))).get_data() == b"applied\n"
+    assert state(bridge) == DELIVERED
