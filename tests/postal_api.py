@@ -45,7 +45,7 @@ from tests.postal_sim import ruby_json
 
 API_KEY = "postal-test-key-9f3k2LmQ"
 _TOKEN_ALPHABET = string.ascii_letters + string.digits
-_FAULT_KINDS = ("slow", "drip", "http", "reset", "drop", "error")
+_FAULT_KINDS = ("slow", "drip", "http", "answer", "reset", "drop", "error")
 
 
 @dataclass
@@ -82,6 +82,7 @@ class Fault:
     message: str | None = None
     delay: float = 2.0
     size: int = 0
+    body: bytes = b""
 
 
 class PostalSendAPI:
@@ -127,13 +128,15 @@ class PostalSendAPI:
         message: str | None = None,
         delay: float = 2.0,
         size: int = 0,
+        body: bytes = b"",
         accept: bool | None = None,
     ) -> None:
         """Misbehave on the next ``times`` requests.
 
         ``slow``: accept, then answer after ``delay`` s · ``drip``: accept, then send the answer in 8 pieces
         ``delay`` s apart · ``http``: answer ``status`` with a proxy's HTML page (at least ``size`` bytes; a
-        ``Location`` for 3xx), accepting first only with ``accept=True`` · ``reset``: accept, send the headers and half the body, then RST · ``drop``:
+        ``Location`` for 3xx), accepting first only with ``accept=True`` · ``answer``: a 200 with ``body``
+        as it is (accepting first only with ``accept=True``) · ``reset``: accept, send the headers and half the body, then RST · ``drop``:
         accept, then RST before any answer byte · ``error``: answer Postal's error ``code``, accepting nothing
         (``message`` as its ``data.message``, if given).
         """
@@ -142,7 +145,7 @@ class PostalSendAPI:
         if accept is None:
             accept = kind in ("slow", "drip", "reset", "drop")
         with self._lock:
-            self._faults.extend(Fault(kind, accept, status, code, message, delay, size) for _ in range(times))
+            self._faults.extend(Fault(kind, accept, status, code, message, delay, size, body) for _ in range(times))
 
     @contextlib.contextmanager
     def refusing(self) -> Iterator[None]:
@@ -231,11 +234,15 @@ class PostalSendAPI:
             )
         if fault is not None and fault.kind == "http" and not fault.accept:
             return self._proxy_page(handler, fault)
+        if fault is not None and fault.kind == "answer" and not fault.accept:
+            return _send(handler, 200, fault.body)
         status, answer = self._answer(handler, path, body, started)
         if fault is None:
             return _send(handler, status, answer)
         if fault.kind == "http":
             return self._proxy_page(handler, fault)
+        if fault.kind == "answer":
+            return _send(handler, 200, fault.body)
         if fault.kind == "drip":
             head = f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(answer)}\r\n\r\n"
             with contextlib.suppress(OSError):

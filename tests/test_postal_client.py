@@ -62,6 +62,14 @@ def test_accepted_gives_each_recipients_postal_id_and_token(postal: PostalClient
     body = json.loads(seen.body)
     assert body["mail_from"] == SENDER and body["rcpt_to"] == ["bob@example.org", "carol@example.net"]
     assert base64.b64decode(body["data"]) == mime()
+    assert "bounce" not in body and not any(m.bounce for m in postal_api.messages.values())
+
+
+def test_a_bounce_is_flagged(postal: PostalClient, postal_api: PostalSendAPI) -> None:
+    result = postal.send_raw("", ["bob@example.org"], mime(), bounce=True)
+    assert isinstance(result, Permanent)  # Postal wants a mail_from even for a bounce
+    result = postal.send_raw("postmaster@example.test", ["bob@example.org"], mime(), bounce=True)
+    assert isinstance(result, Accepted) and postal_api.messages[result.recipients["bob@example.org"].id].bounce
 
 
 @pytest.mark.parametrize(
@@ -242,6 +250,24 @@ def test_unparseable_200_is_uncertain(postal: PostalClient, postal_api: PostalSe
     postal_api.fail_next("http", status=200, accept=True)  # an HTML page with a 200
     result = postal.send_raw(SENDER, ["bob@example.org"], mime())
     assert isinstance(result, Uncertain) and result.code == "UnparseableAnswer"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"status":"success","time":0.01,"flags":{},"data":{"message_id":"x@y","messages":{"bob@example.org":{"id":7,"token":"t"}}}}',
+        b'{"status":"success","time":0.01,"flags":{},"data":{"message_id":"x@y","messages":{}}}',
+        b'{"status":"success","time":0.01,"flags":{},"data":{"message_id":"x@y","messages":{"carol@example.net":{"id":"7","token":"t"}}}}',
+        b'{"status":"queued","time":0.01,"flags":{},"data":{}}',
+        b'["success"]',
+    ],
+)
+def test_a_200_that_does_not_account_for_every_recipient_is_uncertain(
+    postal: PostalClient, postal_api: PostalSendAPI, body: bytes
+) -> None:
+    postal_api.fail_next("answer", body=body, accept=True)
+    result = postal.send_raw(SENDER, ["bob@example.org", "carol@example.net"], mime())
+    assert isinstance(result, Uncertain) and result.code in ("UnexpectedAnswer", "UnparseableAnswer")
 
 
 def test_split_recipients_keeps_order_drops_duplicates_and_caps_at_50() -> None:

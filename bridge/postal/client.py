@@ -195,7 +195,7 @@ class PostalClient:
         }
         if bounce:
             payload["bounce"] = True
-        answer = self._call("/api/v1/send/raw", payload, limit=_SEND_ANSWER_BYTES, repeatable=False)
+        answer = self._call("/api/v1/send/raw", payload, limit=_SEND_ANSWER_BYTES, maybe=Uncertain)
         result = answer if isinstance(answer, Failure) else _accepted(answer, recipients)
         _log_send(result, len(recipients))
         return result
@@ -231,10 +231,10 @@ class PostalClient:
             "/api/v1/messages/message",
             {"id": postal_id, "_expansions": list(expansions)},
             limit=_READ_ANSWER_BYTES,
-            repeatable=True,
+            maybe=Temporary,
         )
-        if isinstance(answer, Failure):
-            return _as_read_failure(answer)
+        if isinstance(answer, Permanent | Temporary):
+            return answer
         status = answer.get("status") if isinstance(answer.get("status"), dict) else {}
         details = answer.get("details") if isinstance(answer.get("details"), dict) else {}
         if not isinstance(answer.get("id"), int) or not isinstance(answer.get("token"), str):
@@ -254,10 +254,10 @@ class PostalClient:
     def deliveries(self, postal_id: int) -> list[PostalDelivery] | Permanent | Temporary:
         """Postal's delivery attempts of one message, oldest first (as Postal lists them)."""
         answer = self._call(
-            "/api/v1/messages/deliveries", {"id": postal_id}, limit=_SEND_ANSWER_BYTES, repeatable=True, listing=True
+            "/api/v1/messages/deliveries", {"id": postal_id}, limit=_SEND_ANSWER_BYTES, maybe=Temporary, listing=True
         )
-        if isinstance(answer, Failure):
-            return _as_read_failure(answer)
+        if isinstance(answer, Permanent | Temporary):
+            return answer
         deliveries = []
         for entry in answer:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or not _str(entry.get("status")):
@@ -274,13 +274,20 @@ class PostalClient:
             )
         return deliveries
 
-    def _call(self, path: str, payload: dict[str, Any], *, limit: int, repeatable: bool, listing: bool = False) -> Any:
+    def _call(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        limit: int,
+        maybe: type[Uncertain] | type[Temporary],
+        listing: bool = False,
+    ) -> Any:
         """POST one JSON call; Postal's ``data`` on success (a dict, or a list with ``listing``), else a Failure.
 
-        ``repeatable``: a read, which may be asked again, so "maybe accepted" does not exist for it and
-        what would be Uncertain for a send is Temporary.
+        ``maybe`` is what "Postal may have processed it" means: Uncertain for a send; Temporary for a read,
+        which is safe to ask again.
         """
-        maybe: type[Uncertain] | type[Temporary] = Temporary if repeatable else Uncertain
         started = time.monotonic()
         try:
             response = self._session.post(
@@ -384,12 +391,6 @@ def _accepted(data: dict[str, Any], recipients: list[str]) -> Accepted | Uncerta
             return Uncertain("UnexpectedAnswer", "success without an id and token for every recipient", 200)
         refs[rcpt] = PostalMessageRef(entry["id"], entry["token"])
     return Accepted(message_id=_str(data.get("message_id")), recipients=refs)
-
-
-def _as_read_failure(failure: Failure) -> Permanent | Temporary:
-    if isinstance(failure, Uncertain):  # cannot happen for a repeatable call; typed for the caller
-        return Temporary(failure.code, failure.reason, failure.http_status)
-    return failure
 
 
 def _log_send(result: SendResult, count: int) -> None:
