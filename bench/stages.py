@@ -7,7 +7,8 @@ with a real signature: key fetched from Knot, and key in the resolver's cache so
 the request path writes one), filesystem store with fsync on and off, the Redis round trip
 (``MailIndex.note_received``), the whole ``accept_postal_delivery`` (unsigned and DKIM-signed), the
 same for a retry of a delivery already stored (the dedupe check: whatever the bridge does before it
-knows), and the whole Flask view through Flask's test client (no HTTP server). Stages that store
+knows), the whole Flask view through Flask's test client (no HTTP server), and a cached Mailio discovery
+lookup (``bridge.discovery.discover`` answered from Redis) beside a plain Redis GET of the same entry. Stages that store
 something get a new message id every call, so only the retry stage takes the duplicate shortcut.
 Figures are medians (and 90th percentiles) in milliseconds.
 
@@ -35,11 +36,13 @@ from bridge.dns import make_resolver
 from bridge.inbound import accept_postal_delivery
 from bridge.mail.auth import check_dkim
 from bridge.mail.headers import sender_facts
+from bridge.mailio.discovery import CACHE_PREFIX
 from bridge.postal.payloads import parse_inbound
 from bridge.sealing import seal, sealed_chunks
 from bridge.settings import Settings
 from bridge.store.messages import STATUS_RECEIVED, MessageStore, message_id
 from bridge.store.objects import FileObjectStore
+from tests.dns_server import KnotDNS
 
 WARM_UP = 3
 _SEAL_TAKES_AAD = "aad" in inspect.signature(seal).parameters
@@ -197,6 +200,10 @@ def measure_stages(
         ),
         ("whole view via Flask test client, fsync on", flask_view),
     ]
+    # Beside the other Redis round trip, not after a stage that allocates a lot: the cyclic collector
+    # that such a stage sets off would run inside whichever call comes next.
+    at = [name for name, _ in stages].index("Redis round trip (note_received)") + 1
+    stages[at:at] = _discovery_stages(bridge, settings)
     if hasattr(bridge.messages, "has_body"):  # the dedupe check before DKIM, when the request path has one
         stored = [message_id(inbound.delivery_key(kid)) for inbound in signed[:per]]
         at = [name for name, _ in stages].index("accept_postal_delivery of a retry (DKIM-signed, already stored)")
@@ -208,6 +215,35 @@ def measure_stages(
         stages[at:at] = [("create record object, fsync on", record_create(True))]
         stages[at + 2 : at + 2] = [("create record object, fsync off", record_create(False))]
     return _time_round_robin(stages, runs, seconds)
+
+
+DISCOVERY_DOMAIN = "bench.mailio.test"
+
+
+def _discovery_stages(bridge: Bridge, settings: Settings) -> list[tuple[str, Callable[[int], object]]]:
+    """A Mailio route published in the bench's Knot, looked up once, then timed as every later caller
+    sees it (from Redis), beside a bare GET of the same Redis entry: the difference is discovery's own."""
+    host, _, port = settings.dns_nameservers[0].rpartition(":")
+    knot = KnotDNS(host=host, port=int(port), zones=("mailio.test",))
+    knot.set_txt(f"mailio._mailiokey.{DISCOVERY_DOMAIN}", f"v=MAILIO1; k=ed25519; p={'A' * 43}=", ttl=3600)
+    if bridge.discovery.discover(DISCOVERY_DOMAIN, fresh=True).route != "mailio":
+        raise RuntimeError("the stage bench's Mailio record was not discovered")
+
+    def cached(i: int) -> object:
+        route = bridge.discovery.discover(DISCOVERY_DOMAIN)
+        if not route.cached:
+            raise RuntimeError("the stage bench's discovery lookup was not answered from the cache")
+        return route
+
+    # The bare GET first: the first Redis call after the heavy stages pays for warming the client's code
+    # and the CPU caches, which is neither stage's own cost.
+    return [
+        (
+            "plain Redis GET of the discovery cache entry (baseline)",
+            lambda i: bridge.redis.get(CACHE_PREFIX + DISCOVERY_DOMAIN),
+        ),
+        ("cached discovery lookup (discover(), Mailio route from Redis)", cached),
+    ]
 
 
 def _expect(result: str, wanted: str) -> str:

@@ -1,7 +1,7 @@
 """The operator's and the owner's command line: ``python -m bridge <verb>``.
 
 Server side (reads the bridge's settings): ``mailbox add|list|alias|token``, ``postal-keys``,
-``rebuild-index``, ``rescreen``, ``worker``, ``run``. Client side (talks to the API over HTTP, holds
+``rebuild-index``, ``rescreen``, ``discover``, ``worker``, ``run``. Client side (talks to the API over HTTP, holds
 the owner's key, which never leaves that machine): ``mail list|read|move``,
 ``handshake approve|revoke|list``.
 Errors print one line to stderr and exit 1 or 2, never a traceback.

@@ -70,7 +70,8 @@ KEY_LENGTH = 32
 
 MAILIO, SMTP, NONE, TEMPORARY = "mailio", "smtp", "none", "temporary"
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
 class InvalidDomain(ValueError):
@@ -130,10 +131,9 @@ def normalize_domain(domain: str) -> str:
             name = dns.name.from_unicode(text, idna_codec=dns.name.IDNA_DEFAULT).to_text(omit_final_dot=True).lower()
         except (dns.exception.DNSException, UnicodeError, ValueError):
             raise InvalidDomain(f"not an internationalized domain name: {text[:80]!r}") from None
-    labels = name.split(".")
-    if not name or len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+    if len(name) > 253 or not _NAME.fullmatch(name):
         raise InvalidDomain(f"not a mail domain: {text[:80]!r}")
-    if labels[-1].isdigit():
+    if name.rpartition(".")[2].isdigit():
         raise InvalidDomain(f"an address literal is not a mail domain: {text[:80]!r}")
     return name
 
