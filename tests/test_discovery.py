@@ -306,6 +306,13 @@ def test_a_route_expires_with_its_records_ttl(bridge: Bridge, knot_dns: Any, red
     assert (route.key, route.cached) == (new, False)
 
 
+def test_a_one_second_ttl_is_kept_one_second(bridge: Bridge, knot_dns: Any, redis_url: str) -> None:
+    domain = fresh_domain()
+    knot_dns.set_txt(f"mailio._mailiokey.{domain}", record(new_key()), ttl=1)
+    bridge.discovery.discover(domain)
+    assert 0 < redis.Redis.from_url(redis_url).pttl(CACHE_PREFIX + domain) <= 1000
+
+
 def test_the_max_ttl_setting_caps_found_routes(environment: dict[str, str], knot_dns: Any, redis_url: str) -> None:
     domain = fresh_domain()
     knot_dns.set(domain, "MX", f"10 mx.{domain}.", ttl=600)

@@ -81,7 +81,11 @@ class InvalidDomain(ValueError):
 
 @dataclass(frozen=True)
 class Route:
-    """How mail for ``domain`` travels, and why; ``ttl`` is how long it may be kept (0: not at all)."""
+    """How mail for ``domain`` travels, and why.
+
+    ``ttl``: seconds a route just learnt from DNS may be kept (0: not at all, or a route read from the cache).
+    ``refused``: why records that were found could not be used (also in ``reason``).
+    """
 
     route: str
     domain: str
@@ -224,7 +228,7 @@ class Discovery:
             if cached is not None:
                 return cached
         route = self.lookup(name, fresh=fresh)
-        if route.ttl >= 1 and not route.temporary:
+        if int(route.ttl * 1000) > 0 and not route.temporary:  # a TTL of 0 means: do not keep it
             self._remember(route)
         return route
 
@@ -248,14 +252,6 @@ class Discovery:
         except DNSUnavailable as exc:
             return Route(TEMPORARY, name, f"{exc}: retry later", refused=tuple(refused))
         return self._mx_route(name, answer, answers, refused)
-
-    def forget(self, domain: str) -> None:
-        """Drop the cached answer for ``domain`` (Redis trouble is ignored: the entry expires anyway)."""
-        if self._redis is not None:
-            try:
-                self._redis.delete(CACHE_PREFIX + normalize_domain(domain))
-            except (RedisError, OSError):
-                log.debug("discovery: could not drop a cached answer")
 
     # --- DNS -----------------------------------------------------------------------------------
 
