@@ -26,6 +26,7 @@ import contextlib
 import email.parser
 import email.policy
 import email.utils
+import gzip
 import json
 import secrets
 import socket
@@ -102,6 +103,7 @@ class PostalSendAPI:
         self.web_hostname = web_hostname
         self.max_recipients = max_recipients
         self.suspended = False
+        self.gzip = False  # compress JSON answers for clients that accept it, as a proxy in front may
         self.accepted: collections.Counter[str] = collections.Counter()
         self.messages: dict[int, SentMessage] = {}
         self.seen: list[SeenRequest] = []
@@ -238,6 +240,8 @@ class PostalSendAPI:
             return _send(handler, 200, fault.body)
         status, answer = self._answer(handler, path, body, started)
         if fault is None:
+            if self.gzip and "gzip" in (handler.headers.get("Accept-Encoding") or "") and status == 200:
+                return _send(handler, status, gzip.compress(answer), encoding="gzip")
             return _send(handler, status, answer)
         if fault.kind == "http":
             return self._proxy_page(handler, fault)
@@ -408,9 +412,17 @@ class PostalSendAPI:
         return self._envelope(started, "parameter-error", {"message": message})
 
 
-def _send(handler: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str = "application/json") -> None:
+def _send(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    body: bytes,
+    content_type: str = "application/json",
+    encoding: str = "",
+) -> None:
     handler.send_response(status)
     handler.send_header("Content-Type", content_type)
+    if encoding:
+        handler.send_header("Content-Encoding", encoding)
     handler.send_header("Content-Length", str(len(body)))
     handler.send_header("Connection", "close")
     handler.end_headers()

@@ -65,6 +65,13 @@ def test_accepted_gives_each_recipients_postal_id_and_token(postal: PostalClient
     assert "bounce" not in body and not any(m.bounce for m in postal_api.messages.values())
 
 
+def test_a_gzipped_answer_is_read(postal: PostalClient, postal_api: PostalSendAPI) -> None:
+    postal_api.gzip = True
+    result = postal.send_raw(SENDER, ["bob@example.org"], mime())
+    assert isinstance(result, Accepted) and result.recipients["bob@example.org"].id in postal_api.messages
+    assert isinstance(postal.message(result.recipients["bob@example.org"].id), PostalMessage)
+
+
 def test_a_bounce_is_flagged(postal: PostalClient, postal_api: PostalSendAPI) -> None:
     result = postal.send_raw("", ["bob@example.org"], mime(), bounce=True)
     assert isinstance(result, Permanent)  # Postal wants a mail_from even for a bounce
@@ -181,29 +188,29 @@ def test_connect_timeout_is_temporary(unanswered_port: int) -> None:
     postal = PostalClient(f"http://127.0.0.1:{unanswered_port}", API_KEY, timeout=TIMEOUT)
     started = time.monotonic()
     result = postal.send_raw(SENDER, ["bob@example.org"], mime())
-    assert isinstance(result, Temporary) and result.code in ("ConnectTimeoutError", "ConnectTimeout")
-    assert time.monotonic() - started < 3 * TIMEOUT
+    assert isinstance(result, Temporary) and result.code == "ConnectTimeoutError"
+    assert time.monotonic() - started < 4 * TIMEOUT
 
 
 def test_slow_answer_after_accepting_is_uncertain_and_was_sent_once(
     postal: PostalClient, postal_api: PostalSendAPI
 ) -> None:
-    postal_api.fail_next("slow", delay=4 * TIMEOUT)
+    postal_api.fail_next("slow", delay=8 * TIMEOUT)
     started = time.monotonic()
     result = postal.send_raw(SENDER, ["bob@example.org"], mime())
     assert isinstance(result, Uncertain) and result.code == "ReadTimeout"
-    assert time.monotonic() - started < 3 * TIMEOUT
+    assert time.monotonic() - started < 4 * TIMEOUT
     assert postal_api.accepted == {"bob@example.org": 1}  # Postal holds it: resending would send twice
 
 
-@pytest.mark.parametrize("kind", ["reset", "drop"])
+@pytest.mark.parametrize(("kind", "code"), [("reset", "ProtocolError"), ("drop", "ConnectionError")])
 def test_connection_reset_after_sending_is_uncertain(
-    postal: PostalClient, postal_api: PostalSendAPI, kind: str
+    postal: PostalClient, postal_api: PostalSendAPI, kind: str, code: str
 ) -> None:
-    # "drop" is a ConnectionError too, like a refused connection: only the chain tells them apart.
+    # "drop" is a requests ConnectionError, like a refused connection: only the chain tells them apart.
     postal_api.fail_next(kind)
     result = postal.send_raw(SENDER, ["bob@example.org"], mime())
-    assert isinstance(result, Uncertain), result
+    assert isinstance(result, Uncertain) and result.code == code
     assert postal_api.accepted == {"bob@example.org": 1}
 
 
@@ -216,11 +223,11 @@ def test_5xx_is_uncertain(postal: PostalClient, postal_api: PostalSendAPI, statu
 
 
 def test_trickling_answer_is_cut_at_twice_the_timeout(postal: PostalClient, postal_api: PostalSendAPI) -> None:
-    postal_api.fail_next("drip", delay=0.6 * TIMEOUT)  # every piece within the read timeout, the whole not
+    postal_api.fail_next("drip", delay=0.7 * TIMEOUT)  # every piece within the read timeout, the whole not
     started = time.monotonic()
     result = postal.send_raw(SENDER, ["bob@example.org"], mime())
     assert isinstance(result, Uncertain) and result.code == "ReadTimeout"
-    assert time.monotonic() - started < 3 * TIMEOUT
+    assert time.monotonic() - started < 4 * TIMEOUT
     assert postal_api.accepted == {"bob@example.org": 1}
 
 
@@ -341,7 +348,7 @@ def test_message_reads_fail_typed_and_are_temporary_when_transport_fails(
     assert isinstance(postal.deliveries(424242), Permanent)
     postal_api.fail_next("http", status=502)
     assert postal.message(1) == Temporary("HTTP 502", "Postal answered HTTP 502", 502)  # a read may be repeated
-    postal_api.fail_next("slow", delay=4 * TIMEOUT)
+    postal_api.fail_next("slow", delay=8 * TIMEOUT)
     assert isinstance(postal.deliveries(1), Temporary)
     with postal_api.refusing():
         assert isinstance(postal.message(1), Temporary)
@@ -360,7 +367,7 @@ def test_the_api_key_appears_in_no_log_line_result_or_exception(
     seen.append(impostor.send_raw(SENDER, ["bob@example.org"], mime()))
     seen.append(postal.send_raw(SENDER, ["bob@example.org"], mime()))
     for kind in ("slow", "reset", "drop", "http"):
-        postal_api.fail_next(kind, delay=4 * TIMEOUT)
+        postal_api.fail_next(kind, delay=8 * TIMEOUT)
         seen.append(postal.send_raw(SENDER, ["bob@example.org"], mime()))
     with postal_api.refusing():
         seen.append(postal.send_raw(SENDER, ["bob@example.org"], mime()))

@@ -314,7 +314,7 @@ class PostalClient:
             try:
                 # read1: whatever has arrived, so a trickling answer meets the deadline (read() would wait
                 # for all 64 KB, each socket read within the timeout but the whole without a bound).
-                while chunk := response.raw.read1(65536):
+                while chunk := response.raw.read1(65536, decode_content=True):  # gzip from a proxy, too
                     body += chunk
                     if len(body) > limit:
                         return maybe("AnswerTooLarge", "Postal's answer was too large", status)
@@ -369,7 +369,7 @@ def _never_sent(exc: BaseException) -> str | None:
             return type(current).__name__
         reason = getattr(current, "reason", None)
         pending.extend(e for e in (*current.args, reason, current.__cause__) if isinstance(e, BaseException))
-    return "ConnectTimeout" if isinstance(exc, requests.exceptions.ConnectTimeout) else None
+    return None
 
 
 def _http_failure(status: int, maybe: type[Uncertain] | type[Temporary]) -> Failure:
@@ -402,11 +402,7 @@ def _log_send(result: SendResult, count: int) -> None:
     elif isinstance(result, Temporary):
         log.warning("postal send/raw: not sent to %d recipient(s): %s (temporary)", count, result.code)
     else:
-        log.error(
-            "postal send/raw: outcome unknown for %d recipient(s): %s; Postal may have taken it: not resent blindly",
-            count,
-            result.code,
-        )
+        log.error("postal send/raw: outcome unknown for %d recipient(s): %s (never resend blindly)", count, result.code)
 
 
 def _str(value: Any) -> str | None:
