@@ -104,6 +104,8 @@ class PostalSendAPI:
         self.max_recipients = max_recipients
         self.suspended = False
         self.gzip = False  # compress JSON answers for clients that accept it, as a proxy in front may
+        # Postal's web host also serves its signing keys; set a JWKS document to serve GET /.well-known/jwks.json.
+        self.jwks: dict[str, Any] | None = None
         self.accepted: collections.Counter[str] = collections.Counter()
         self.messages: dict[int, SentMessage] = {}
         self.seen: list[SeenRequest] = []
@@ -157,6 +159,11 @@ class PostalSendAPI:
             yield
         finally:
             self._listen(self.port)
+
+    def duplicates(self) -> dict[str, int]:
+        """Recipients Postal accepted more than once: what "never send twice" must keep empty."""
+        with self._lock:
+            return {rcpt: count for rcpt, count in self.accepted.items() if count > 1}
 
     def deliver(self, postal_id: int, status: str = "Sent", output: str = "250 2.0.0 OK") -> None:
         """Record a delivery attempt, as Postal's delivery queue would, and set the message's status."""
@@ -220,6 +227,11 @@ class PostalSendAPI:
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
         host = (handler.headers.get("Host") or "").rsplit(":", 1)[0]
         path = handler.path.split("?", 1)[0]
+        handler.close_connection = True
+        if handler.command == "GET" and path == "/.well-known/jwks.json" and self.jwks is not None:
+            if host != self.web_hostname:  # neither counted nor faulted: only the API calls are
+                return _send(handler, 403, b"<html><body><h1>Blocked host</h1></body></html>", "text/html")
+            return _send(handler, 200, ruby_json(self.jwks))
         with self._lock:
             self.seen.append(
                 SeenRequest(
@@ -227,7 +239,6 @@ class PostalSendAPI:
                 )
             )
             fault = self._faults.pop(0) if self._faults else None
-        handler.close_connection = True
         if host != self.web_hostname:  # Rails' HostAuthorization, before any controller
             return _send(handler, 403, b"<html><body><h1>Blocked host</h1></body></html>", "text/html")
         if fault is not None and fault.kind == "error":

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from bridge.context import Bridge
 from bridge.postal.client import (
@@ -28,8 +29,10 @@ from bridge.postal.client import (
     Uncertain,
     split_recipients,
 )
+from bridge.postal.jwks import fetch_jwks
 from bridge.settings import Settings, SettingsError
 from tests.postal_api import API_KEY, PostalSendAPI
+from tests.postal_sim import PostalSigner
 
 TIMEOUT = 0.5
 SENDER = "jane@example.test"
@@ -201,6 +204,8 @@ def test_slow_answer_after_accepting_is_uncertain_and_was_sent_once(
     assert isinstance(result, Uncertain) and result.code == "ReadTimeout"
     assert time.monotonic() - started < 4 * TIMEOUT
     assert postal_api.accepted == {"bob@example.org": 1}  # Postal holds it: resending would send twice
+    assert isinstance(postal.send_raw(SENDER, ["bob@example.org"], mime()), Accepted)  # what a blind retry does
+    assert postal_api.duplicates() == {"bob@example.org": 2}
 
 
 @pytest.mark.parametrize(("kind", "code"), [("reset", "ProtocolError"), ("drop", "ConnectionError")])
@@ -381,6 +386,16 @@ def test_the_api_key_appears_in_no_log_line_result_or_exception(
     text = "\n".join([repr(s) for s in seen] + [str(s) for s in seen] + [r.getMessage() for r in caplog.records])
     assert caplog.records and wrong not in text and API_KEY not in text
     assert "[api key]" in text  # the echo was there, and was replaced
+
+
+def test_the_same_url_serves_postals_jwks(postal_api: PostalSendAPI, postal_signer: PostalSigner) -> None:
+    postal_api.jwks = postal_signer.jwks()
+    postal_api.fail_next("http", status=502)  # meant for the next API call, not for the keys
+    document = fetch_jwks(requests.Session(), f"{postal_api.url}/.well-known/jwks.json", timeout=2)
+    assert json.loads(document) == postal_signer.jwks()
+    assert not postal_api.seen
+    postal = PostalClient(postal_api.url, API_KEY, timeout=TIMEOUT)
+    assert isinstance(postal.send_raw(SENDER, ["bob@example.org"], mime()), Uncertain)
 
 
 def test_settings_and_the_bridge_build_the_client_or_refuse_clearly(postal_api: PostalSendAPI, tmp_path: Path) -> None:
