@@ -10,11 +10,12 @@ Postal's ``send/raw``, which takes any number of recipients and answers an empty
 success: here an empty list is ``NoRecipients`` and more than ``max_recipients`` (50) is
 ``TooManyToAddresses``, the limits of ``send/message`` that the bridge keeps for both.
 
-It counts what it accepted per recipient (``accepted``), so a double send fails a test, and it can
-misbehave on purpose for the next N requests (``fail_next``): answer slowly after accepting, answer a
-5xx with or without accepting first, reset the connection mid-answer or before any answer, or refuse
-with a Postal error code. ``refusing()`` stops listening, so connections are refused. Never imported by
-the service.
+It counts what it accepted per recipient (``accepted``; ``duplicates()`` names double sends), and it
+can misbehave on purpose for the next N requests (``fail_next``): answer slowly or in a trickle after
+accepting, answer a proxy's 3xx/4xx/5xx page or any 200 body with or without accepting first, reset the
+connection mid-answer or before any answer, or refuse with a Postal error code. ``refusing()`` stops
+listening, so connections are refused; ``gzip`` compresses answers as a proxy may; ``jwks`` serves
+Postal's signing keys on the same URL, as Postal's web host does. Never imported by the service.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class SeenRequest:
 
 @dataclass
 class Fault:
-    kind: str  # slow | http | reset | drop | error
+    kind: str  # one of _FAULT_KINDS
     accept: bool  # process (and count) the call before misbehaving
     status: int = 502
     code: str = "ServerSuspended"
