@@ -18,7 +18,8 @@ def rebuild_index(bridge: Bridge) -> dict[str, Any]:
 
     Safe to run while mail arrives: a record written meanwhile is either listed by this pass or
     noted by its own request. Filed messages whose SPF/DMARC was a temperror and that have
-    re-evaluations left are queued for one again (that queue lived in Redis too).
+    re-evaluations left are queued for one again (that queue lived in Redis too), and sent mail's
+    Postal ids are indexed again so that Postal's events still find their recipients.
     """
     mailboxes = bridge.mailboxes.all()
     for mailbox in mailboxes:
@@ -45,4 +46,6 @@ def rebuild_index(bridge: Bridge) -> dict[str, Any]:
         bridge.index.schedule_rechecks(rechecks)
     if unfiled:
         enqueue_filing(bridge)
-    return {"mailboxes": len(mailboxes), "filed": filed, "queued_for_filing": unfiled}
+    # Postal's events find sent mail by Postal's ids through a Redis index: rebuild it too.
+    outbound = bridge.outbound.rebuild_index()
+    return {"mailboxes": len(mailboxes), "filed": filed, "queued_for_filing": unfiled, "outbound": outbound}

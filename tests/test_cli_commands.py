@@ -125,7 +125,7 @@ def test_rebuild_index_makes_every_listing_match_the_store(
 
     rebuilt = cli(environment, "rebuild-index")
     assert rebuilt.returncode == 0, rebuilt.stderr
-    assert json.loads(rebuilt.stdout) == {"mailboxes": 1, "filed": 2, "queued_for_filing": 1}
+    assert json.loads(rebuilt.stdout) == {"mailboxes": 1, "filed": 2, "queued_for_filing": 1, "outbound": 0}
 
     def store_folders() -> dict[str, list[str]]:
         folders: dict[str, list[str]] = {}

@@ -17,6 +17,7 @@ import redis
 import requests
 
 from bridge import create_app
+from bridge.maintenance import rebuild_index
 from bridge.settings import Settings
 from bridge.store import outbound
 from bridge.store.outbound import (
@@ -420,3 +421,14 @@ def test_after_an_explicit_resend_the_earlier_copys_events_move_nothing(client, 
     assert post(client, postal_signer, event("MessageBounced", message(8300, "old", ANN))).get_data() == b"stale\n"
     assert post(client, postal_signer, event("MessageSent", message(8301, "new", ANN))).get_data() == b"applied\n"
     assert state(bridge) == DELIVERED
+
+
+def test_events_still_find_sent_mail_after_redis_lost_its_index(sent, client, postal_signer):
+    # Redis holds only what can be rebuilt: rebuild-index restores the Postal-id index of sent mail.
+    for key in sent.redis.scan_iter(match="bridge:outbound:*"):
+        sent.redis.delete(key)
+    assert sent.outbound.find_postal(7001, "tokAnn") is None
+    assert rebuild_index(sent)["outbound"] >= 1
+    assert sent.outbound.find_postal(7001, "tokAnn") == outbound.Location(OWNER, MSG, "Ann@Example.net")
+    assert post(client, postal_signer, for_(ANN, "MessageSent")).status_code == 200
+    assert state(sent) == DELIVERED

@@ -200,7 +200,7 @@ def test_late_retry_after_redis_lost_its_keys_is_not_stored_twice(
     redis_server.flushall()  # Redis restarted without persistence: dedupe keys and indexes gone
     assert postal.post(payload).body_text.strip() == "duplicate"
     assert len(stored_keys(settings)) == 2
-    assert rebuild_index(bridge) == {"mailboxes": 1, "filed": 1, "queued_for_filing": 0}
+    assert rebuild_index(bridge) == {"mailboxes": 1, "filed": 1, "queued_for_filing": 0, "outbound": 0}
     assert len(listing(client, owner, "other")) == 1
 
 
@@ -410,7 +410,7 @@ def test_rebuild_index_restores_listings_and_queues_unfiled_mail(
     run_worker(bridge)
     postal.post(payload_for("RawMessage", postal_id=2))  # stored, not yet filed
     redis_server.flushall()
-    assert rebuild_index(bridge) == {"mailboxes": 1, "filed": 1, "queued_for_filing": 1}
+    assert rebuild_index(bridge) == {"mailboxes": 1, "filed": 1, "queued_for_filing": 1, "outbound": 0}
     assert len(listing(client, owner, "other")) == 1
     run_worker(bridge)
     assert len(listing(client, owner, "other")) == 2

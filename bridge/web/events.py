@@ -44,7 +44,7 @@ from bridge.store.objects import StorageUnavailable
 from bridge.store.outbound import BOUNCED, DELAYED, DELIVERED, FAILED, HELD, PostalEvent
 
 # The inbound endpoint's body reader (limits, chunking, read deadline) and answers: one copy of each.
-from bridge.web.postal import _BodyIncomplete, _BodyTooLarge, _cut_off, _read_body, _text
+from bridge.web.postal import BodyIncomplete, BodyTooLarge, cut_off, read_body, text_response
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("events", __name__)
@@ -136,32 +136,32 @@ def _reason(name: str, payload: dict[str, Any]) -> str | None:
 def events() -> Response:
     bridge: Bridge = current_app.extensions["bridge"]
     try:
-        body = _read_body(MAX_EVENT_BYTES)
-    except _BodyTooLarge:
-        return _text("event too large", 413)
-    except _BodyIncomplete:
+        body = read_body(MAX_EVENT_BYTES)
+    except BodyTooLarge:
+        return text_response("event too large", 413)
+    except BodyIncomplete:
         log.warning("postal events: request body incomplete, malformed or too slow")
-        return _cut_off()
+        return cut_off()
     try:
         bridge.postal_keys.verify(body, request.headers)
     except SignatureError:
         log.warning("postal events: signature rejected")
-        return _text("invalid signature", 401)
+        return text_response("invalid signature", 401)
     except KeysUnavailable:
         log.error("postal events: no Postal signing key available (check BRIDGE_POSTAL_PUBLIC_KEY/URL)")
-        return _text("signing keys unavailable, retry later", 503)
+        return text_response("signing keys unavailable, retry later", 503)
     try:
         name, uuid, at, payload = parse_event(body)
         event = message_event(name, uuid, at, payload) if name in STATES else None
     except EventError as exc:
-        return _text(f"malformed event: {exc}", 400)
+        return text_response(f"malformed event: {exc}", 400)
     try:
         outcome = _handle(bridge, name, uuid, event)
     except (DependencyUnavailable, StorageUnavailable) as exc:
         log.error("postal events: %s", exc.__class__.__name__)
-        return _text("storage unavailable, retry later", 503)
+        return text_response("storage unavailable, retry later", 503)
     log.info("postal event %s: %s", name if _NAME.fullmatch(name) else "(other)", outcome)
-    return _text(outcome, 200)
+    return text_response(outcome, 200)
 
 
 def _handle(bridge: Bridge, name: str, uuid: str, event: tuple[str, PostalEvent] | None) -> str:

@@ -45,11 +45,11 @@ blueprint = Blueprint("postal", __name__)
 _READ_CHUNK = 1 << 20
 
 
-class _BodyTooLarge(Exception):
+class BodyTooLarge(Exception):
     pass
 
 
-class _BodyIncomplete(Exception):
+class BodyIncomplete(Exception):
     """The body ended early, was malformed chunking, or was cut off by the read deadline."""
 
 
@@ -63,15 +63,15 @@ def request_limit(max_message_bytes: int) -> int:
     return max_message_bytes * 3 // 2 + (1 << 20)
 
 
-def _text(body: str, status: int) -> Response:
+def text_response(body: str, status: int) -> Response:
     return Response(body + "\n", status=status, mimetype="text/plain")
 
 
-def _read_body(limit: int) -> bytearray:
-    """The whole body, or _BodyTooLarge / _BodyIncomplete; never more than ``limit`` bytes held."""
+def read_body(limit: int) -> bytearray:
+    """The whole body, or BodyTooLarge / BodyIncomplete; never more than ``limit`` bytes held."""
     length = request.content_length
     if length is not None and length > limit:
-        raise _BodyTooLarge
+        raise BodyTooLarge
     stream = request.stream
     try:
         if length is not None:
@@ -81,7 +81,7 @@ def _read_body(limit: int) -> bytearray:
             while filled < length:
                 chunk = stream.read(min(_READ_CHUNK, length - filled))
                 if not chunk:
-                    raise _BodyIncomplete  # the client closed early, or its read deadline cut it off
+                    raise BodyIncomplete  # the client closed early, or its read deadline cut it off
                 body[filled : filled + len(chunk)] = chunk
                 filled += len(chunk)
             return body
@@ -89,21 +89,21 @@ def _read_body(limit: int) -> bytearray:
         while chunk := stream.read(_READ_CHUNK):
             body += chunk
             if len(body) > limit:
-                raise _BodyTooLarge
+                raise BodyTooLarge
         return body
     except (OSError, ParseException, ClientDisconnected):
         # gunicorn: NoMoreData (an OSError) for a chunked body that stops, InvalidChunkSize & co. for
         # malformed chunking; werkzeug's stream wrapper turns some of these into ClientDisconnected.
         # Either way the request is not one Postal could have sent whole.
-        raise _BodyIncomplete from None
+        raise BodyIncomplete from None
 
 
-def _cut_off() -> Response:
+def cut_off() -> Response:
     """Answer a body that did not arrive whole, and close the connection (its framing is lost)."""
     if deadlines.expired(request.environ.get("gunicorn.socket")):
-        response = _text(f"request body not received within {deadlines.seconds:g} s", 408)
+        response = text_response(f"request body not received within {deadlines.seconds:g} s", 408)
     else:
-        response = _text("incomplete or malformed request body", 400)
+        response = text_response("incomplete or malformed request body", 400)
     response.headers["Connection"] = "close"
     return response
 
@@ -113,32 +113,32 @@ def inbound() -> Response:
     bridge: Bridge = current_app.extensions["bridge"]
     settings = bridge.settings
     try:
-        body = _read_body(request_limit(settings.max_message_bytes))
-    except _BodyTooLarge:
-        return _text("message too large", 413)
-    except _BodyIncomplete:
+        body = read_body(request_limit(settings.max_message_bytes))
+    except BodyTooLarge:
+        return text_response("message too large", 413)
+    except BodyIncomplete:
         log.warning("postal inbound: request body incomplete, malformed or too slow")
-        return _cut_off()
+        return cut_off()
     try:
         kid = bridge.postal_keys.verify(body, request.headers)
     except SignatureError:
         log.warning("postal inbound: signature rejected")
-        return _text("invalid signature", 401)
+        return text_response("invalid signature", 401)
     except KeysUnavailable:
         log.error("postal inbound: no Postal signing key available (check BRIDGE_POSTAL_PUBLIC_KEY/URL)")
-        return _text("signing keys unavailable, retry later", 503)
+        return text_response("signing keys unavailable, retry later", 503)
     try:
         message = parse_inbound(body, request.content_type or "", settings.max_message_bytes)
     except MessageTooLarge as exc:
-        return _text(str(exc), 413)  # "message too large", "too many attachments", "too many form fields"
+        return text_response(str(exc), 413)  # "message too large", "too many attachments", "too many form fields"
     except PayloadError as exc:
-        return _text(f"malformed delivery: {exc}", 400)
+        return text_response(f"malformed delivery: {exc}", 400)
     del body
     try:
         outcome = accept_postal_delivery(bridge, message, kid)
     except (DependencyUnavailable, StorageUnavailable) as exc:
         log.error("postal inbound: %s", exc.__class__.__name__)
-        return _text("storage unavailable, retry later", 503)
+        return text_response("storage unavailable, retry later", 503)
     if outcome.result == UNKNOWN_RECIPIENT:
-        return _text("unknown recipient", settings.unknown_recipient_status)
-    return _text(outcome.result, 200)
+        return text_response("unknown recipient", settings.unknown_recipient_status)
+    return text_response(outcome.result, 200)
