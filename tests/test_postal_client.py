@@ -11,12 +11,16 @@ import base64
 import json
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+import urllib3.connection
+import urllib3.exceptions
 
 from bridge.context import Bridge
 from bridge.postal.client import (
@@ -193,6 +197,84 @@ def test_connect_timeout_is_temporary(unanswered_port: int) -> None:
     result = postal.send_raw(SENDER, ["bob@example.org"], mime())
     assert isinstance(result, Temporary) and result.code == "ConnectTimeoutError"
     assert time.monotonic() - started < 4 * TIMEOUT
+
+
+class RaisingSession(requests.Session):
+    """Raises what requests raises for failures loopback cannot produce (DNS, TLS, proxies), chain and all."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        raise self.error
+
+
+def _max_retry(reason: Exception) -> urllib3.exceptions.MaxRetryError:
+    return urllib3.exceptions.MaxRetryError(None, "/api/v1/send/raw", reason)
+
+
+_CONN = urllib3.connection.HTTPConnection("postal.example.test")
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome", "code"),
+    [
+        (
+            requests.ConnectionError(
+                _max_retry(urllib3.exceptions.NameResolutionError("postal", _CONN, socket.gaierror()))
+            ),
+            Temporary,
+            "NameResolutionError",
+        ),
+        (
+            requests.exceptions.SSLError(
+                _max_retry(urllib3.exceptions.SSLError(ssl.SSLCertVerificationError(1, "certificate verify failed")))
+            ),
+            Temporary,
+            "SSLCertVerificationError",
+        ),
+        (
+            requests.exceptions.ProxyError(
+                _max_retry(
+                    urllib3.exceptions.ProxyError(
+                        "Unable to connect to proxy", urllib3.exceptions.NewConnectionError(_CONN, "refused")
+                    )
+                )
+            ),
+            Temporary,
+            "NewConnectionError",
+        ),
+        # TLS broken after the handshake, a reset, a read timeout: the request may have gone out.
+        (
+            requests.exceptions.SSLError(_max_retry(urllib3.exceptions.SSLError(ssl.SSLError(1, "bad record mac")))),
+            Uncertain,
+            "SSLError",
+        ),
+        (
+            requests.ConnectionError(
+                urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
+            ),
+            Uncertain,
+            "ConnectionError",
+        ),
+        (
+            requests.exceptions.ReadTimeout(_max_retry(urllib3.exceptions.ReadTimeoutError(None, "/", "timed out"))),
+            Uncertain,
+            "ReadTimeout",
+        ),
+    ],
+)
+def test_transport_errors_are_not_sent_only_with_proof(error: Exception, outcome: type, code: str) -> None:
+    postal = PostalClient("https://postal.example.test", API_KEY, session=RaisingSession(error))
+    result = postal.send_raw(SENDER, ["bob@example.org"], mime())
+    assert type(result) is outcome and result.code == code
+
+
+def test_an_unusable_url_is_temporary_not_uncertain() -> None:
+    postal = PostalClient("http://127.0.0.1:99999", API_KEY, timeout=TIMEOUT)  # no such port: refused while preparing
+    result = postal.send_raw(SENDER, ["bob@example.org"], mime())
+    assert isinstance(result, Temporary) and result.code == "InvalidURL"
 
 
 def test_slow_answer_after_accepting_is_uncertain_and_was_sent_once(

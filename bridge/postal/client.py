@@ -61,6 +61,13 @@ TEMPORARY_CODES = frozenset({"ServerSuspended"})  # Postal refused now, may take
 _SEND_ANSWER_BYTES = 1024 * 1024  # 50 recipients' ids and tokens are a few KB
 _READ_ANSWER_BYTES = 48 * 1024 * 1024  # message(): raw_message of a 14 MB message, base64 with newlines
 _REDACTED = "[api key]"
+# Raised while the request is prepared, before any connection: BRIDGE_POSTAL_URL itself is unusable.
+_UNUSABLE_URL = (
+    requests.exceptions.InvalidURL,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidHeader,
+)
 
 
 class PostalNotConfigured(SettingsError):
@@ -365,7 +372,7 @@ def _never_sent(exc: BaseException) -> str | None:
         # NewConnectionError (refused, unreachable) and NameResolutionError subclass ConnectTimeoutError.
         if isinstance(current, urllib3.exceptions.ConnectTimeoutError):
             return type(current).__name__
-        if isinstance(current, ssl.SSLCertVerificationError):  # only raised by the handshake
+        if isinstance(current, (ssl.SSLCertVerificationError, *_UNUSABLE_URL)):  # the handshake; before connecting
             return type(current).__name__
         reason = getattr(current, "reason", None)
         pending.extend(e for e in (*current.args, reason, current.__cause__) if isinstance(e, BaseException))
