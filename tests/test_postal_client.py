@@ -271,6 +271,14 @@ def test_transport_errors_are_not_sent_only_with_proof(error: Exception, outcome
     assert type(result) is outcome and result.code == code
 
 
+def test_a_failed_tls_handshake_is_temporary(postal_api: PostalSendAPI) -> None:
+    # https:// to Postal's plain HTTP port: the handshake fails before any request byte.
+    postal = PostalClient(postal_api.url.replace("http://", "https://"), API_KEY, timeout=TIMEOUT)
+    result = postal.send_raw(SENDER, ["bob@example.org"], mime())
+    assert isinstance(result, Temporary) and result.code == "TLSHandshake"
+    assert not postal_api.seen
+
+
 def test_an_unusable_url_is_temporary_not_uncertain() -> None:
     postal = PostalClient("http://127.0.0.1:99999", API_KEY, timeout=TIMEOUT)  # no such port: refused while preparing
     result = postal.send_raw(SENDER, ["bob@example.org"], mime())

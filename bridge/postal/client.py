@@ -374,9 +374,24 @@ def _never_sent(exc: BaseException) -> str | None:
             return type(current).__name__
         if isinstance(current, (ssl.SSLCertVerificationError, *_UNUSABLE_URL)):  # the handshake; before connecting
             return type(current).__name__
+        if isinstance(current, ssl.SSLError) and _raised_in_handshake(current):  # https:// to a plain port, ...
+            return "TLSHandshake"
         reason = getattr(current, "reason", None)
         pending.extend(e for e in (*current.args, reason, current.__cause__) if isinstance(e, BaseException))
     return None
+
+
+def _raised_in_handshake(exc: BaseException) -> bool:
+    """A TLS error from the handshake: no application byte is sent before it ends (no 0-RTT in Python's ssl).
+
+    Other TLS errors (a bad record while reading the answer) prove nothing, and urllib3 wraps both alike.
+    """
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name == "do_handshake":
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _http_failure(status: int, maybe: type[Uncertain] | type[Temporary]) -> Failure:
