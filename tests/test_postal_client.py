@@ -87,23 +87,12 @@ def test_a_bounce_is_flagged(postal: PostalClient, postal_api: PostalSendAPI) ->
 
 
 @pytest.mark.parametrize(
-    ("fault_code", "expected"),
-    [
-        ("AccessDenied", "AccessDenied"),
-        ("NoRecipients", "NoRecipients"),
-        ("NoContent", "NoContent"),
-        ("FromAddressMissing", "FromAddressMissing"),
-        ("TooManyToAddresses", "TooManyToAddresses"),
-        ("SomeCodeFromAFuturePostal", "SomeCodeFromAFuturePostal"),  # an error is never an acceptance
-    ],
+    "code", ["AccessDenied", "NoRecipients", "NoContent", "FromAddressMissing", "TooManyToAddresses", "SomeFutureCode"]
 )
-def test_postal_error_codes_are_permanent(
-    postal: PostalClient, postal_api: PostalSendAPI, fault_code: str, expected: str
-) -> None:
-    postal_api.fail_next("error", code=fault_code, message="refused")
+def test_postal_error_codes_are_permanent(postal: PostalClient, postal_api: PostalSendAPI, code: str) -> None:
+    postal_api.fail_next("error", code=code, message="refused")  # an error is never an acceptance, known or not
     result = postal.send_raw(SENDER, ["bob@example.org"], mime())
-    assert isinstance(result, Permanent)
-    assert (result.code, result.reason, result.http_status) == (expected, "refused", 200)
+    assert result == Permanent(code, "refused", 200)
     assert not postal_api.accepted
 
 
@@ -210,62 +199,28 @@ class RaisingSession(requests.Session):
         raise self.error
 
 
-def _max_retry(reason: Exception) -> urllib3.exceptions.MaxRetryError:
-    return urllib3.exceptions.MaxRetryError(None, "/api/v1/send/raw", reason)
-
-
+_U3, _RQ = urllib3.exceptions, requests.exceptions
 _CONN = urllib3.connection.HTTPConnection("postal.example.test")
 
 
-@pytest.mark.parametrize(
-    ("error", "outcome", "code"),
-    [
-        (
-            requests.ConnectionError(
-                _max_retry(urllib3.exceptions.NameResolutionError("postal", _CONN, socket.gaierror()))
-            ),
-            Temporary,
-            "NameResolutionError",
-        ),
-        (
-            requests.exceptions.SSLError(
-                _max_retry(urllib3.exceptions.SSLError(ssl.SSLCertVerificationError(1, "certificate verify failed")))
-            ),
-            Temporary,
-            "SSLCertVerificationError",
-        ),
-        (
-            requests.exceptions.ProxyError(
-                _max_retry(
-                    urllib3.exceptions.ProxyError(
-                        "Unable to connect to proxy", urllib3.exceptions.NewConnectionError(_CONN, "refused")
-                    )
-                )
-            ),
-            Temporary,
-            "NewConnectionError",
-        ),
-        # TLS broken after the handshake, a reset, a read timeout: the request may have gone out.
-        (
-            requests.exceptions.SSLError(_max_retry(urllib3.exceptions.SSLError(ssl.SSLError(1, "bad record mac")))),
-            Uncertain,
-            "SSLError",
-        ),
-        (
-            requests.ConnectionError(
-                urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
-            ),
-            Uncertain,
-            "ConnectionError",
-        ),
-        (
-            requests.exceptions.ReadTimeout(_max_retry(urllib3.exceptions.ReadTimeoutError(None, "/", "timed out"))),
-            Uncertain,
-            "ReadTimeout",
-        ),
-    ],
-)
-def test_transport_errors_are_not_sent_only_with_proof(error: Exception, outcome: type, code: str) -> None:
+def _pooled(wrapper: type[requests.RequestException], reason: Exception) -> requests.RequestException:
+    """requests' wrapper around urllib3's MaxRetryError(reason), as its adapter raises it."""
+    return wrapper(_U3.MaxRetryError(None, "/api/v1/send/raw", reason))
+
+
+_TRANSPORT_ERRORS = {  # code: (outcome, error)
+    "NameResolutionError": (Temporary, _pooled(_RQ.ConnectionError, _U3.NameResolutionError("p", _CONN, OSError()))),
+    "SSLCertVerificationError": (Temporary, _pooled(_RQ.SSLError, _U3.SSLError(ssl.SSLCertVerificationError()))),
+    "NewConnectionError": (Temporary, _pooled(_RQ.ProxyError, _U3.ProxyError("", _U3.NewConnectionError(_CONN, "")))),
+    # TLS broken after the handshake, a reset, a read timeout: the request may have gone out.
+    "SSLError": (Uncertain, _pooled(_RQ.SSLError, _U3.SSLError(ssl.SSLError(1, "bad record mac")))),
+    "ConnectionError": (Uncertain, _RQ.ConnectionError(_U3.ProtocolError("aborted", ConnectionResetError()))),
+    "ReadTimeout": (Uncertain, _pooled(_RQ.ReadTimeout, _U3.ReadTimeoutError(None, "/", "timed out"))),
+}
+
+
+@pytest.mark.parametrize(("code", "outcome", "error"), [(c, o, e) for c, (o, e) in _TRANSPORT_ERRORS.items()])
+def test_transport_errors_are_not_sent_only_with_proof(code: str, outcome: type, error: Exception) -> None:
     postal = PostalClient("https://postal.example.test", API_KEY, session=RaisingSession(error))
     result = postal.send_raw(SENDER, ["bob@example.org"], mime())
     assert type(result) is outcome and result.code == code

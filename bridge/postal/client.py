@@ -35,24 +35,9 @@ from typing import Any, ClassVar
 
 import requests
 import urllib3.exceptions
+from requests.exceptions import InvalidHeader, InvalidSchema, InvalidURL, MissingSchema
 
 from bridge.settings import Settings, SettingsError
-
-__all__ = [
-    "MAX_RECIPIENTS",
-    "Accepted",
-    "Failure",
-    "Permanent",
-    "PostalClient",
-    "PostalDelivery",
-    "PostalMessage",
-    "PostalMessageRef",
-    "PostalNotConfigured",
-    "SendResult",
-    "Temporary",
-    "Uncertain",
-    "split_recipients",
-]
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +47,7 @@ _SEND_ANSWER_BYTES = 1024 * 1024  # 50 recipients' ids and tokens are a few KB
 _READ_ANSWER_BYTES = 48 * 1024 * 1024  # message(): raw_message of a 14 MB message, base64 with newlines
 _REDACTED = "[api key]"
 # Raised while the request is prepared, before any connection: BRIDGE_POSTAL_URL itself is unusable.
-_UNUSABLE_URL = (
-    requests.exceptions.InvalidURL,
-    requests.exceptions.InvalidSchema,
-    requests.exceptions.MissingSchema,
-    requests.exceptions.InvalidHeader,
-)
+_UNUSABLE_URL = (InvalidURL, InvalidSchema, MissingSchema, InvalidHeader)
 
 
 class PostalNotConfigured(SettingsError):
