@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     configure_logging(settings)
     bridge = Bridge(settings)
     _ = bridge.redis_url  # fail at start-up, not on the first request, when Redis is not configured
-    from bridge.web import api, events, ops, postal
+    from bridge.web import api, events, ops, postal, send
     from bridge.web.deadlines import deadlines
     from bridge.web.postal import request_limit
 
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(postal.blueprint)
     app.register_blueprint(events.blueprint)
     app.register_blueprint(api.blueprint)
+    app.register_blueprint(send.blueprint)
     app.register_blueprint(ops.blueprint)
     ops.mount_dashboard(app, bridge)
 

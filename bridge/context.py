@@ -28,6 +28,7 @@ from bridge.store.mailboxes import MailboxDirectory
 from bridge.store.messages import MessageStore
 from bridge.store.objects import ObjectStore, open_object_store
 from bridge.store.outbound import OutboundStore
+from bridge.store.spool import Spool
 
 QUEUE_NAME = "bridge"
 
@@ -114,6 +115,11 @@ class Bridge:
     def outbound(self) -> OutboundStore:
         """Outbound records and their per-recipient delivery states (``bridge.store.outbound``)."""
         return OutboundStore(self.objects, self.outbound_redis)
+
+    @cached_property
+    def spool(self) -> Spool:
+        """Outgoing plaintext waiting for Postal, encrypted under the server's spool key (``bridge.store.spool``)."""
+        return Spool(self.objects, self.settings.spool_key_path)
 
     @cached_property
     def auth_cache(self) -> dict[Any, Any]:

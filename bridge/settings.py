@@ -79,6 +79,16 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
     ),
     "BRIDGE_DISCOVERY_MAX_TTL": ("3600", "seconds a found route (mailio or smtp) is cached at most (DNS TTLs cap it)"),
     "BRIDGE_DISCOVERY_NEGATIVE_TTL": ("300", "seconds a `none` route is cached at most (DNS negative TTLs cap it)"),
+    "BRIDGE_SPOOL_KEY_FILE": (
+        "",
+        "key that encrypts outgoing plaintext waiting for Postal; default <BRIDGE_DATA_DIR>/spool.key (made 0600)",
+    ),
+    "BRIDGE_SEND_LIMIT_MESSAGES": ("200", "messages one mailbox may send per hour (429 above)"),
+    "BRIDGE_SEND_LIMIT_RECIPIENTS": ("1000", "recipients one mailbox may send to per hour (429 above)"),
+    "BRIDGE_OUTBOUND_RETRY_DELAYS": (
+        "60,300,900,3600,14400",
+        "seconds between retries of a send Postal provably did not take (and of DNS trouble), comma separated",
+    ),
 }
 
 _DOMAIN = re.compile(
@@ -110,10 +120,18 @@ class Settings:
     discovery_candidates: tuple[str, ...] = ("", "mio", "mailio", "didcomm")
     discovery_max_ttl: int = 3600
     discovery_negative_ttl: int = 300
+    spool_key_file: Path | None = None  # None: <data_dir>/spool.key
+    send_limit_messages: int = 200
+    send_limit_recipients: int = 1000
+    outbound_retry_delays: tuple[int, ...] = (60, 300, 900, 3600, 14400)
 
     @property
     def postal_jwks_url(self) -> str | None:
         return f"{self.postal_url.rstrip('/')}/.well-known/jwks.json" if self.postal_url else None
+
+    @property
+    def spool_key_path(self) -> Path:
+        return self.spool_key_file or self.data_dir / "spool.key"
 
     @property
     def unknown_recipient_status(self) -> int:
@@ -187,6 +205,10 @@ class Settings:
             discovery_max_ttl=_positive_int("BRIDGE_DISCOVERY_MAX_TTL", get("BRIDGE_DISCOVERY_MAX_TTL")),
             discovery_negative_ttl=_positive_int("BRIDGE_DISCOVERY_NEGATIVE_TTL", get("BRIDGE_DISCOVERY_NEGATIVE_TTL")),
             postal_timeout=_seconds("BRIDGE_POSTAL_TIMEOUT", get("BRIDGE_POSTAL_TIMEOUT"), maximum=300),
+            spool_key_file=Path(get("BRIDGE_SPOOL_KEY_FILE")).resolve() if get("BRIDGE_SPOOL_KEY_FILE") else None,
+            send_limit_messages=_positive_int("BRIDGE_SEND_LIMIT_MESSAGES", get("BRIDGE_SEND_LIMIT_MESSAGES")),
+            send_limit_recipients=_positive_int("BRIDGE_SEND_LIMIT_RECIPIENTS", get("BRIDGE_SEND_LIMIT_RECIPIENTS")),
+            outbound_retry_delays=_delays("BRIDGE_OUTBOUND_RETRY_DELAYS", get("BRIDGE_OUTBOUND_RETRY_DELAYS")),
         )
 
 
@@ -208,6 +230,17 @@ def _seconds(name: str, value: str, *, maximum: float) -> float:
     if not 0 < number <= maximum:  # also refuses nan and inf
         raise SettingsError(f"{name} must be more than 0 and at most {maximum:g} seconds")
     return number
+
+
+def _delays(name: str, value: str) -> tuple[int, ...]:
+    """``60,300`` -> ``(60, 300)``: whole seconds, 0 allowed (tests retry at once), at most 20 and a day each."""
+    try:
+        delays = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise SettingsError(f"{name} must be whole seconds, comma separated") from None
+    if not 0 < len(delays) <= 20 or any(not 0 <= d <= 86400 for d in delays):
+        raise SettingsError(f"{name} must be 1 to 20 delays of 0 to 86400 seconds")
+    return delays
 
 
 def _candidates(value: str) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ from bridge.mailio.handshakes import HandshakeError, parse_signed_handshake
 from bridge.store.handshakes import CREATED, UNCHANGED, StaleHandshake
 from bridge.store.mailboxes import Mailbox
 from bridge.store.messages import FOLDERS, STATUS_FILED, is_message_id
+from bridge.store.outbound import public_recipients
 
 blueprint = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -109,6 +110,9 @@ def get_message(bridge: Bridge, mailbox: Mailbox, msg_id: str) -> Response:
     record = bridge.messages.get_record(mailbox.address, msg_id, body=body) if body else None
     if record is None or body is None:
         return error("no such message", 404)
+    if record.get("source") == "owner":  # sent mail: each recipient's delivery state
+        sent = bridge.outbound.get(mailbox.address, msg_id)
+        record = {**record, "recipients": public_recipients(sent) if sent else []}
     # The sealed body is stored as compact JSON already: splice it in rather than re-encoding it.
     head = json.dumps(_public(record), separators=(",", ":"))
     return Response([head[:-1].encode(), b',"body":', body, b"}"], mimetype="application/json")

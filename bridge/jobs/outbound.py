@@ -1,0 +1,248 @@
+"""Outbound jobs: route a sent message per recipient domain, then hand SMTP recipients to Postal.
+
+``route_message(owner, msg_id)``: records the owner's contacts, then asks discovery about each domain
+with recipients still ``queued`` and unrouted (or held for the Mailio leg):
+
+* ``mailio`` -> route ``mailio``, kept ``queued`` with "Mailio delivery not available yet" (the peer leg
+  is the next issue's): never sent over SMTP instead, never dropped;
+* ``smtp`` -> route ``smtp``, then one ``deliver_postal`` job for the message;
+* ``none`` -> ``failed`` (permanent) with discovery's reason;
+* ``temporary`` (DNS timeout, SERVFAIL) -> the job raises ``RetryLater`` and RQ runs it again after the
+  next of BRIDGE_OUTBOUND_RETRY_DELAYS; past the last, those recipients fail with the reason.
+
+``deliver_postal(owner, msg_id)`` sends the spooled plaintext with ``send/raw``, 50 recipients a call.
+**Never twice**: every call is marked on the record before it is made (``start_attempt``: outcome
+``sending``) and after (``end_attempt``). A mark still ``sending`` when a job starts means a worker died
+during a call that Postal may have taken: that recipient becomes ``uncertain`` and is not resent.
+Outcomes: accepted -> ``record_postal``; permanent -> ``failed``; uncertain (timeout or reset after
+sending, 5xx) -> ``uncertain`` at once, never resent blindly (events or the owner's explicit resend
+resolve it); temporary (provably not sent: connection refused, ServerSuspended) -> retried after the
+next delay, then ``failed``. One delivery job runs per message at a time (a Redis lock), so two jobs
+never both see a recipient ``queued`` and both send it.
+
+The spool copy is deleted once no recipient still waits for it (``queued`` on a route that needs the
+plaintext: not yet routed, ``smtp``, or ``mailio`` waiting for the peer leg). Arguments are ids only;
+the API key never leaves ``PostalClient``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rq import get_current_job
+
+from bridge import context
+from bridge.context import Bridge
+from bridge.inbound import enqueue
+from bridge.mailio.discovery import MAILIO, SMTP, InvalidDomain
+from bridge.postal.client import Accepted, Permanent, PostalNotConfigured, Temporary, split_recipients
+from bridge.store.index import PREFIX, REDIS_ERRORS
+from bridge.store.outbound import FAILED, QUEUED, UNCERTAIN
+
+log = logging.getLogger(__name__)
+
+ROUTE_JOB = "bridge.jobs.outbound.route_message"
+DELIVER_JOB = "bridge.jobs.outbound.deliver_postal"
+ROUTE_TIMEOUT = 900  # discovery is bounded per domain (5 s); a message may name many domains
+DELIVER_TIMEOUT = 1800  # 20 calls of 50 recipients, each bounded by twice BRIDGE_POSTAL_TIMEOUT
+MAILIO_NOT_YET = "Mailio delivery not available yet"
+NEEDS_SPOOL = (None, SMTP, MAILIO)  # routes whose queued recipients still need the plaintext
+
+
+class RetryLater(Exception):
+    """Raised so that RQ runs the job again after the next of BRIDGE_OUTBOUND_RETRY_DELAYS."""
+
+
+def enqueue_route(bridge: Bridge, owner: str, msg_id: str) -> str:
+    delays = bridge.settings.outbound_retry_delays
+    return enqueue(bridge, ROUTE_JOB, owner, msg_id, job_timeout=ROUTE_TIMEOUT, retry_intervals=delays)
+
+
+def enqueue_delivery(bridge: Bridge, owner: str, msg_id: str) -> str:
+    delays = bridge.settings.outbound_retry_delays
+    return enqueue(bridge, DELIVER_JOB, owner, msg_id, job_timeout=DELIVER_TIMEOUT, retry_intervals=delays)
+
+
+def _last_try() -> bool:
+    """Whether RQ will not run this job again if it fails (RQ stores 0 retries left as none)."""
+    job = get_current_job()
+    return job is None or not job.retries_left
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+# --- routing ----------------------------------------------------------------------------------------
+
+
+def route_message(owner: str, msg_id: str) -> dict[str, int]:
+    """Route every unrouted ``queued`` recipient; returns how many went each way (for logs and tests)."""
+    bridge = context.current()
+    record = bridge.outbound.get(owner, msg_id)
+    if record is None:
+        log.warning("route: no outbound record %s", msg_id)
+        return {}
+    _record_contacts(bridge, owner, record)
+    by_domain: dict[str, list[str]] = defaultdict(list)
+    for entry in record["recipients"]:
+        if entry["state"] == QUEUED and entry["route"] in (None, MAILIO):
+            by_domain[_domain(entry["address"])].append(entry["address"])
+    counts: dict[str, int] = defaultdict(int)
+    waiting: list[tuple[str, str]] = []
+    for domain, addresses in by_domain.items():
+        try:
+            route = bridge.discovery.discover(domain)
+            kind, reason = route.route, route.reason
+        except InvalidDomain:
+            kind, reason = "none", "not a mail domain"
+        counts[kind] += len(addresses)
+        for address in addresses:
+            if kind == "temporary":
+                waiting.append((address, reason))
+            elif kind == MAILIO:
+                bridge.outbound.set_route(owner, msg_id, address, MAILIO, reason=MAILIO_NOT_YET)
+            elif kind == SMTP:
+                bridge.outbound.set_route(owner, msg_id, address, SMTP)
+            else:
+                bridge.outbound.set_route(owner, msg_id, address, "none", reason=f"no mail service: {reason}")
+    record = bridge.outbound.get(owner, msg_id) or record
+    if any(e["route"] == SMTP and e["state"] == QUEUED for e in record["recipients"]):
+        enqueue_delivery(bridge, owner, msg_id)
+    if waiting:
+        if not _last_try():
+            raise RetryLater(f"discovery did not answer for {len(waiting)} recipient(s)")
+        for address, reason in waiting:
+            bridge.outbound.set_state(owner, msg_id, address, FAILED, f"DNS did not answer, gave up: {reason}")
+        _drop_spool_when_done(bridge, owner, msg_id)
+    elif not any(e["route"] == SMTP for e in record["recipients"]):
+        _drop_spool_when_done(bridge, owner, msg_id)  # no delivery job will run to do it
+    log.info("route: %s %s", msg_id, dict(counts))
+    return dict(counts)
+
+
+def _record_contacts(bridge: Bridge, owner: str, record: dict[str, Any]) -> None:
+    """Note whom the owner wrote to (screening files their replies in the inbox). Safe to repeat."""
+    hashes = bridge.sender_hashes.lookup_hashes(e["address"] for e in record["recipients"])
+    for email_hash in dict.fromkeys(hashes.values()):
+        bridge.contacts.record(owner, email_hash)
+
+
+# --- the Postal leg ---------------------------------------------------------------------------------
+
+
+def deliver_postal(owner: str, msg_id: str) -> dict[str, int]:
+    """Hand the message's queued SMTP recipients to Postal; returns outcome counts."""
+    bridge = context.current()
+    with _delivery_lock(bridge, owner, msg_id) as held:
+        if not held:
+            raise RetryLater("another delivery job of this message is running")
+        return _deliver(bridge, owner, msg_id)
+
+
+def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
+    outbound = bridge.outbound
+    record = outbound.get(owner, msg_id)
+    if record is None:
+        return {}
+    _settle_interrupted(bridge, owner, msg_id, record)
+    record = outbound.get(owner, msg_id) or record
+    todo = [e["address"] for e in record["recipients"] if e["route"] == SMTP and e["state"] == QUEUED]
+    counts: dict[str, int] = defaultdict(int)
+    if not todo:
+        _drop_spool_when_done(bridge, owner, msg_id)
+        return {}
+    spooled = bridge.spool.get(owner, msg_id)
+    if spooled is None:
+        for address in todo:
+            outbound.set_state(owner, msg_id, address, FAILED, "the copy to send is no longer kept: send it again")
+        return {"failed": len(todo)}
+    mail_from, message = spooled
+    try:
+        client = bridge.postal_client
+    except PostalNotConfigured:
+        return _not_sent(bridge, owner, msg_id, todo, "Postal's send API is not configured")
+    left: list[str] = []  # provably not sent: a later run sends them
+    reason, stop = "", False
+    for batch in split_recipients(todo):
+        if stop:  # after a temporary or uncertain call Postal is in trouble: the rest waits for a later run
+            left.extend(batch)
+            continue
+        number = outbound.start_attempt(owner, msg_id, batch)  # before the call: a crash leaves "sending"
+        result = client.send_raw(mail_from, batch, message)
+        detail = None if isinstance(result, Accepted) else f"{result.code}: {result.reason}"
+        outbound.end_attempt(owner, msg_id, batch, number, result.outcome, detail)
+        counts[result.outcome] += len(batch)
+        if isinstance(result, Accepted):
+            refs = {rcpt: {"id": ref.id, "token": ref.token} for rcpt, ref in result.recipients.items()}
+            outbound.record_postal(owner, msg_id, refs)
+        elif isinstance(result, Permanent):
+            for address in batch:
+                outbound.set_state(owner, msg_id, address, FAILED, f"Postal refused it: {detail}")
+        elif isinstance(result, Temporary):
+            left.extend(batch)
+            reason, stop = f"Postal did not take it: {detail}", True
+        else:
+            for address in batch:
+                note = f"Postal may have taken it ({detail}): not resent"
+                outbound.set_state(owner, msg_id, address, UNCERTAIN, note)
+            reason, stop = f"not attempted after an uncertain call ({result.code})", True
+    if left:
+        _not_sent(bridge, owner, msg_id, left, reason)
+    _drop_spool_when_done(bridge, owner, msg_id)
+    log.info("deliver: %s %s", msg_id, dict(counts))
+    return dict(counts)
+
+
+def _not_sent(bridge: Bridge, owner: str, msg_id: str, addresses: list[str], reason: str) -> dict[str, int]:
+    """Recipients provably not sent: retry the job later, or after the last delay fail them with ``reason``."""
+    if not _last_try():
+        for address in addresses:
+            bridge.outbound.set_route(owner, msg_id, address, SMTP, reason=f"will retry: {reason}")
+        raise RetryLater(reason)
+    for address in addresses:
+        bridge.outbound.set_state(owner, msg_id, address, FAILED, f"gave up after retries: {reason}")
+    return {"failed": len(addresses)}
+
+
+def _settle_interrupted(bridge: Bridge, owner: str, msg_id: str, record: dict[str, Any]) -> None:
+    """An attempt still marked ``sending`` belongs to a worker that died during its call: ``uncertain``."""
+    for entry in record["recipients"]:
+        for attempt in entry["attempts"]:
+            if attempt["outcome"] == "sending":
+                note = "the worker stopped during the call to Postal"
+                bridge.outbound.end_attempt(owner, msg_id, [entry["address"]], attempt["n"], "interrupted", note)
+                reason = "interrupted while handing it to Postal: not resent"
+                bridge.outbound.set_state(owner, msg_id, entry["address"], UNCERTAIN, reason)
+
+
+def _drop_spool_when_done(bridge: Bridge, owner: str, msg_id: str) -> None:
+    record = bridge.outbound.get(owner, msg_id)
+    if record is None or not any(e["state"] == QUEUED and e["route"] in NEEDS_SPOOL for e in record["recipients"]):
+        bridge.spool.delete(owner, msg_id)
+
+
+@contextmanager
+def _delivery_lock(bridge: Bridge, owner: str, msg_id: str) -> Iterator[bool]:
+    """One delivery job per message at a time; outlives the job's time limit, freed by its holder."""
+    key, token = f"{PREFIX}outbound:deliver:{owner}/{msg_id}", secrets.token_hex(8)
+    try:
+        held = bool(bridge.redis.set(key, token, nx=True, ex=DELIVER_TIMEOUT + 60))
+    except REDIS_ERRORS as exc:
+        raise RetryLater("redis unavailable") from exc
+    try:
+        yield held
+    finally:
+        if held:
+            try:
+                bridge.redis.eval(_RELEASE, 1, key, token)
+            except REDIS_ERRORS:
+                log.warning("deliver: could not release the lock of %s (it expires)", msg_id)
+
+
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
