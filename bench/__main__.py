@@ -437,7 +437,9 @@ def _socket_errors(result: dict[str, float]) -> int:
 def measure_e2e(bench: Bench, run: Run) -> None:
     count = bench.config.e2e_count
     pool = bench.ensure_pool(count)
-    env = bench.env("e2e", fsync=True)
+    # The worker asks DNS for SPF/DMARC: the bench's own Knot, never the machine's resolver (unreachable
+    # here, it would make this row measure DNS timeouts instead of filing).
+    env = bench.env("e2e", fsync=True, extra={"BRIDGE_DNS_NAMESERVERS": bench.dns().knot_nameserver})
     folder_key = f"bridge:idx:{bench.address(env)}:other"
     connection = redis.Redis.from_url(env["BRIDGE_REDIS_URL"], socket_timeout=5)
     try:
