@@ -2,7 +2,7 @@
 
 Server side (reads the bridge's settings): ``mailbox add|list|alias|token``, ``postal-keys``,
 ``rebuild-index``, ``rescreen``, ``discover``, ``worker``, ``run``. Client side (talks to the API over HTTP, holds
-the owner's key, which never leaves that machine): ``mail list|read|move``,
+the owner's key, which never leaves that machine): ``mail list|read|move|send|status|resend``,
 ``handshake approve|revoke|list``.
 Errors print one line to stderr and exit 1 or 2, never a traceback.
 """
@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     moving = _client(mail, "move", "move one message to another folder", cmd_mail_move)
     moving.add_argument("id")
     moving.add_argument("folder")
+    sending = _client(mail, "send", "send a message (202: queued; `mail status ID` follows it)", cmd_mail_send)
+    for name in ("--to", "--cc", "--bcc"):
+        sending.add_argument(name, action="append", default=[], help="a recipient (repeatable)")
+    sending.add_argument("--from", dest="sender", help="your address or one of its aliases (default: yours)")
+    sending.add_argument("--subject", default="")
+    sending.add_argument("--text", help="the plain-text body")
+    sending.add_argument("--html-file", help="an HTML body from a file")
+    sending.add_argument("--attach", action="append", default=[], help="a file to attach (repeatable)")
+    sending.add_argument("--in-reply-to", help="the Message-ID this answers")
+    sending.add_argument("--raw", help="send this RFC 5322 file as it is (recipients from its To/Cc/Bcc)")
+    status = _client(mail, "status", "each recipient's delivery state of a sent message", cmd_mail_status)
+    status.add_argument("id")
+    resend = _client(mail, "resend", "send one recipient again (an explicit act: it may arrive twice)", cmd_mail_resend)
+    resend.add_argument("id")
+    resend.add_argument("address")
 
     verbs.add_parser(
         "postal-keys", help="list the Postal signing keys the bridge trusts, with their KIDs (compare with Postal's)"
@@ -224,7 +239,7 @@ def _api(method: str, url: str, token: str | None, path: str, document: Any = No
         )
     except requests.RequestException as exc:
         raise CommandError(f"cannot reach {url}: {exc.__class__.__name__}") from None
-    if response.status_code not in (200, 201):
+    if response.status_code not in (200, 201, 202):
         try:
             reason = response.json().get("error", "")
         except ValueError:
@@ -278,6 +293,45 @@ def cmd_mail_list(args: argparse.Namespace) -> int:
 def cmd_mail_move(args: argparse.Namespace) -> int:
     record = _api("POST", args.url, args.token, f"/api/v1/messages/{args.id}/move", {"folder": args.folder})
     print(json.dumps({"id": record["id"], "folder": record["folder"]}))
+    return 0
+
+
+def cmd_mail_send(args: argparse.Namespace) -> int:
+    import base64
+    import mimetypes
+
+    try:
+        if args.raw:
+            document: dict[str, Any] = {"raw": base64.b64encode(Path(args.raw).read_bytes()).decode()}
+        else:
+            document = {"to": args.to, "cc": args.cc, "bcc": args.bcc, "subject": args.subject}
+            document |= {"text": args.text} if args.text is not None else {}
+            document |= {"html": Path(args.html_file).read_text()} if args.html_file else {}
+            document |= {"from": args.sender} if args.sender else {}
+            document |= {"in_reply_to": args.in_reply_to} if args.in_reply_to else {}
+            document["attachments"] = [
+                {
+                    "filename": Path(path).name,
+                    "content_type": mimetypes.guess_type(path)[0] or "application/octet-stream",
+                    "data": base64.b64encode(Path(path).read_bytes()).decode(),
+                }
+                for path in args.attach
+            ]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read a file: {exc.__class__.__name__}") from None
+    print(json.dumps(_api("POST", args.url, args.token, "/api/v1/messages", document)))
+    return 0
+
+
+def cmd_mail_status(args: argparse.Namespace) -> int:
+    data = _api("GET", args.url, args.token, f"/api/v1/messages/{args.id}")
+    print(json.dumps({"id": data["id"], "folder": data.get("folder"), "recipients": data.get("recipients")}))
+    return 0
+
+
+def cmd_mail_resend(args: argparse.Namespace) -> int:
+    document = {"address": args.address}
+    print(json.dumps(_api("POST", args.url, args.token, f"/api/v1/messages/{args.id}/resend", document)))
     return 0
 
 

@@ -89,6 +89,10 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "60,300,900,3600,14400",
         "seconds between retries of a send Postal provably did not take (and of DNS trouble), comma separated",
     ),
+    "BRIDGE_UNCERTAIN_WINDOW": (
+        "86400",
+        "seconds an uncertain recipient's encrypted copy is kept for the owner's explicit resend",
+    ),
 }
 
 _DOMAIN = re.compile(
@@ -124,6 +128,7 @@ class Settings:
     send_limit_messages: int = 200
     send_limit_recipients: int = 1000
     outbound_retry_delays: tuple[int, ...] = (60, 300, 900, 3600, 14400)
+    uncertain_window: int = 86400
 
     @property
     def postal_jwks_url(self) -> str | None:
@@ -209,6 +214,7 @@ class Settings:
             send_limit_messages=_positive_int("BRIDGE_SEND_LIMIT_MESSAGES", get("BRIDGE_SEND_LIMIT_MESSAGES")),
             send_limit_recipients=_positive_int("BRIDGE_SEND_LIMIT_RECIPIENTS", get("BRIDGE_SEND_LIMIT_RECIPIENTS")),
             outbound_retry_delays=_delays("BRIDGE_OUTBOUND_RETRY_DELAYS", get("BRIDGE_OUTBOUND_RETRY_DELAYS")),
+            uncertain_window=_positive_int("BRIDGE_UNCERTAIN_WINDOW", get("BRIDGE_UNCERTAIN_WINDOW")),
         )
 
 

@@ -33,14 +33,16 @@ from tests.postal_sim import PostalSigner, ruby_json
 pytestmark = pytest.mark.dns
 
 
-@pytest.fixture
-def postal() -> Iterator[PostalSendAPI]:
+@pytest.fixture(name="postal")
+def postal_fixture() -> Iterator[PostalSendAPI]:
     with PostalSendAPI(verified_domains=(DOMAIN,)) as server:
         yield server
 
 
-@pytest.fixture
-def environment(tmp_path: Path, redis_url: str, postal_signer: PostalSigner, postal: PostalSendAPI, knot_dns: Any):
+@pytest.fixture(name="environment")
+def environment_fixture(
+    tmp_path: Path, redis_url: str, postal_signer: PostalSigner, postal: PostalSendAPI, knot_dns: Any
+):
     return bridge_environment(
         tmp_path,
         redis_url,
@@ -52,8 +54,8 @@ def environment(tmp_path: Path, redis_url: str, postal_signer: PostalSigner, pos
     )
 
 
-@pytest.fixture
-def domains(knot_dns: Any) -> dict[str, str]:
+@pytest.fixture(name="domains")
+def domains_fixture(knot_dns: Any) -> dict[str, str]:
     """Fresh domains: one served by Mailio (TXT, no MX), one by SMTP (MX), one with nothing at all."""
     tag = uuid.uuid4().hex[:10]
     mailio, smtp, nothing = f"m{tag}.mailio.test", f"s{tag}.peer.test", f"n{tag}.example.test"

@@ -20,15 +20,17 @@ resolve it); temporary (provably not sent: connection refused, ServerSuspended) 
 next delay, then ``failed``. One delivery job runs per message at a time (a Redis lock), so two jobs
 never both see a recipient ``queued`` and both send it.
 
-The spool copy is deleted once no recipient still waits for it (``queued`` on a route that needs the
-plaintext: not yet routed, ``smtp``, or ``mailio`` waiting for the peer leg). Arguments are ids only;
-the API key never leaves ``PostalClient``.
+The spool copy is deleted once no recipient still waits for it: ``queued`` on a route that needs the
+plaintext (not yet routed, ``smtp``, or ``mailio`` waiting for the peer leg), or ``uncertain`` for less
+than BRIDGE_UNCERTAIN_WINDOW (the owner may resend it explicitly; ``reconcile_outbound`` deletes it
+after). Arguments are ids only; the API key never leaves ``PostalClient``.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,9 +42,16 @@ from bridge import context
 from bridge.context import Bridge
 from bridge.inbound import enqueue
 from bridge.mailio.discovery import MAILIO, SMTP, InvalidDomain
-from bridge.postal.client import Accepted, Permanent, PostalNotConfigured, Temporary, split_recipients
+from bridge.postal.client import (
+    Accepted,
+    Permanent,
+    PostalMessage,
+    PostalNotConfigured,
+    Temporary,
+    split_recipients,
+)
 from bridge.store.index import PREFIX, REDIS_ERRORS
-from bridge.store.outbound import FAILED, QUEUED, UNCERTAIN
+from bridge.store.outbound import BOUNCED, DELAYED, DELIVERED, FAILED, HELD, QUEUED, UNCERTAIN
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +232,64 @@ def _settle_interrupted(bridge: Bridge, owner: str, msg_id: str, record: dict[st
 
 def _drop_spool_when_done(bridge: Bridge, owner: str, msg_id: str) -> None:
     record = bridge.outbound.get(owner, msg_id)
-    if record is None or not any(e["state"] == QUEUED and e["route"] in NEEDS_SPOOL for e in record["recipients"]):
+    window = bridge.settings.uncertain_window
+    if record is None or not any(_needs_spool(e, window) for e in record["recipients"]):
         bridge.spool.delete(owner, msg_id)
+
+
+def _needs_spool(entry: dict[str, Any], window: float) -> bool:
+    """Still waiting to be handed over (queued on a route that sends the plaintext), or ``uncertain`` for
+    less than BRIDGE_UNCERTAIN_WINDOW since its last call (the owner may resend it explicitly)."""
+    if entry["state"] == QUEUED:
+        return entry["route"] in NEEDS_SPOOL
+    if entry["state"] == UNCERTAIN and entry["route"] == SMTP:
+        ended = [a.get("ended_at") or a["started_at"] for a in entry["attempts"]] or [entry["updated_at"]]
+        return time.time() - max(ended) < window
+    return False
+
+
+# --- reconciling with Postal ------------------------------------------------------------------------
+
+RECONCILE_JOB = "bridge.jobs.outbound.reconcile_outbound"
+RECONCILE_AFTER = 40 * 60  # Postal stops retrying a webhook after ~36 minutes
+POSTAL_STATES = {"Sent": DELIVERED, "SoftFail": DELAYED, "HardFail": FAILED, "Held": HELD, "Bounced": BOUNCED}
+
+
+def reconcile_outbound(limit: int = 200) -> dict[str, int]:
+    """Ask Postal's message API about recipients left open for RECONCILE_AFTER (a lost webhook leaves
+    them stale), and delete spool copies nobody waits for any more. Meant to run periodically.
+
+    An ``uncertain`` recipient whose Postal id was never learnt cannot be looked up (the API reads by
+    id only): only an event carrying its Message-ID, or the owner's explicit resend, settles it.
+    Every recipient looked at is touched (its ``updated_at`` moves), so the oldest do not starve the rest.
+    """
+    bridge = context.current()
+    counts: dict[str, int] = defaultdict(int)
+    try:
+        client = bridge.postal_client
+    except PostalNotConfigured:
+        client = None
+    for where in bridge.outbound.waiting(time.time() - RECONCILE_AFTER, limit):
+        record = bridge.outbound.get(where.owner, where.id)
+        entry = next((r for r in (record or {}).get("recipients", []) if r["address"] == where.address), None)
+        if entry is None:
+            continue
+        state, reason = entry["state"], entry["reason"]
+        if entry["postal"] is not None and client is not None:
+            answer = client.message(int(entry["postal"]["id"]))
+            if isinstance(answer, PostalMessage) and answer.status in POSTAL_STATES:
+                state, reason = POSTAL_STATES[answer.status], f"Postal's message API: {answer.status}"
+            elif isinstance(answer, PostalMessage):
+                reason = f"Postal's message API: {answer.status or 'no status'}"
+        counts[state] += 1
+        bridge.outbound.set_state(where.owner, where.id, where.address, state, reason)
+    for key in list(bridge.objects.list("spool/")):
+        _, owner, msg_id = key.split("/", 2)
+        before = bridge.spool.exists(owner, msg_id)
+        _drop_spool_when_done(bridge, owner, msg_id)
+        counts["spool_deleted"] += before and not bridge.spool.exists(owner, msg_id)
+    log.info("reconcile: %s", dict(counts))
+    return dict(counts)
 
 
 @contextmanager

@@ -42,14 +42,15 @@ from flask import Blueprint, Response, jsonify, request
 
 from bridge.context import Bridge
 from bridge.errors import RedisUnavailable
-from bridge.jobs.outbound import enqueue_route
+from bridge.jobs.outbound import enqueue_delivery, enqueue_route
 from bridge.mail.compose import ComposeError, Outgoing, from_fields, from_raw
 from bridge.mailio.discovery import InvalidDomain, normalize_domain
 from bridge.sealing import seal, sealed_chunks
 from bridge.store.index import PREFIX, REDIS_ERRORS
 from bridge.store.mailboxes import Mailbox, MailboxError, normalize_email
-from bridge.store.messages import STATUS_FILED, message_id
-from bridge.web.api import error, owner_only
+from bridge.store.messages import STATUS_FILED, is_message_id, message_id
+from bridge.store.outbound import QUEUED
+from bridge.web.api import _json_body, _unreadable_body, error, owner_only
 from bridge.web.postal import BodyIncomplete, BodyTooLarge, cut_off, read_body, request_limit
 
 log = logging.getLogger(__name__)
@@ -186,3 +187,36 @@ def _store(bridge: Bridge, mailbox: Mailbox, msg_id: str, outgoing: Outgoing) ->
     bridge.spool.put(mailbox.address, msg_id, outgoing.from_address, outgoing.wire)
     bridge.outbound.create(mailbox.address, msg_id, f"<{outgoing.message_id}>", outgoing.recipients)
     bridge.index.file([(record, None)])
+
+
+@blueprint.post("/messages/<msg_id>/resend")
+@owner_only
+def resend_message(bridge: Bridge, mailbox: Mailbox, msg_id: str) -> Response:
+    """The owner's explicit resend of one SMTP recipient ``{"address": ...}`` (never automatic: an
+    ``uncertain`` recipient may already have it). 202 queued again; 404 no such message or recipient;
+    409 not an SMTP recipient, already queued, or the copy to send is no longer kept (send it anew)."""
+    if refused := _unreadable_body():
+        return refused
+    document = _json_body()
+    address = document.get("address") if isinstance(document, dict) else None
+    if not isinstance(address, str) or not address.strip():
+        return error('address: give {"address": "<a recipient of this message>"}', 400)
+    record = bridge.outbound.get(mailbox.address, msg_id) if is_message_id(msg_id) else None
+    if record is None:
+        return error("no such message", 404)
+    entry = next((r for r in record["recipients"] if r["address"].lower() == address.strip().lower()), None)
+    if entry is None:
+        return error("address: not a recipient of this message", 404)
+    if entry["route"] != "smtp":
+        return error(f"only SMTP recipients can be resent (this one's route: {entry['route']})", 409)
+    if entry["state"] == QUEUED:
+        return error("already waiting to be sent", 409)
+    if not bridge.spool.exists(mailbox.address, msg_id):
+        return error("the copy to send is no longer kept: send the message again", 409)
+    if not _take_quota(bridge, mailbox.address, 1):
+        return error("send limit reached for this hour", 429)
+    bridge.outbound.reopen(mailbox.address, msg_id, entry["address"], "resend requested by the owner")
+    enqueue_delivery(bridge, mailbox.address, msg_id)
+    response = jsonify({"id": msg_id, "address": entry["address"], "state": QUEUED})
+    response.status_code = 202
+    return response
