@@ -1,5 +1,6 @@
 """Sending from the command line (``mail send|status|resend``) against a live bridge, the explicit resend
-API, and the reconciler that asks Postal's message API about recipients whose events never came."""
+API, the reconciler that asks Postal's message API about recipients whose events never came, and routing
+when DNS does not answer."""
 
 from __future__ import annotations
 
@@ -97,4 +98,17 @@ def test_the_reconciler_reads_postal_for_a_lost_event_and_sweeps_the_spool(
     assert counts["delivered"] >= 1 and counts["spool_deleted"] >= 1
     state = recipients(client, owner, msg_id)[rcpt]
     assert state["state"] == "delivered" and "message API" in state["reason"]
+    assert not bridge.spool.exists(owner.mailbox.address, msg_id)
+
+
+def test_dns_that_does_not_answer_is_retried_then_failed_while_the_rest_goes_out(
+    client: Any, bridge: Bridge, owner: Owner, postal: PostalSendAPI, domains: dict[str, str]
+) -> None:
+    lost, rcpt = "ola@unserved.test", f"pat@{domains['smtp']}"  # Knot refuses names outside its zones
+    msg_id = send(client, owner, to=[lost, rcpt], text="x").get_json()["id"]
+    run_worker(bridge)  # the routing job runs three times (delays 0,0); the SMTP recipient goes at once
+    states = recipients(client, owner, msg_id)
+    assert states[lost]["state"] == "failed" and "DNS did not answer" in states[lost]["reason"]
+    assert states[lost]["route"] is None
+    assert states[rcpt]["state"] == "accepted" and postal.accepted[rcpt] == 1
     assert not bridge.spool.exists(owner.mailbox.address, msg_id)
