@@ -51,7 +51,7 @@ from bridge.postal.client import (
     split_recipients,
 )
 from bridge.store.index import PREFIX, REDIS_ERRORS
-from bridge.store.outbound import BOUNCED, DELAYED, DELIVERED, FAILED, HELD, QUEUED, UNCERTAIN
+from bridge.store.outbound import BOUNCED, DELAYED, DELIVERED, FAILED, HELD, QUEUED, UNCERTAIN, WAITING
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,16 @@ RECONCILE_AFTER = 40 * 60  # Postal stops retrying a webhook after ~36 minutes
 POSTAL_STATES = {"Sent": DELIVERED, "SoftFail": DELAYED, "HardFail": FAILED, "Held": HELD, "Bounced": BOUNCED}
 
 
+def enqueue_reconcile(bridge: Bridge) -> str:
+    """Queue one reconciler run (for the worker's sweeper, or an operator)."""
+    return enqueue(bridge, RECONCILE_JOB, job_timeout=ROUTE_TIMEOUT, retry_intervals=(60,))
+
+
+def reconcile_due(bridge: Bridge) -> bool:
+    """Whether a recipient has been left open on Postal for RECONCILE_AFTER (one Redis read)."""
+    return bool(bridge.outbound.waiting(time.time() - RECONCILE_AFTER, 1))
+
+
 def reconcile_outbound(limit: int = 200) -> dict[str, int]:
     """Ask Postal's message API about recipients left open for RECONCILE_AFTER (a lost webhook leaves
     them stale), and delete spool copies nobody waits for any more. Meant to run periodically.
@@ -272,7 +282,8 @@ def reconcile_outbound(limit: int = 200) -> dict[str, int]:
     for where in bridge.outbound.waiting(time.time() - RECONCILE_AFTER, limit):
         record = bridge.outbound.get(where.owner, where.id)
         entry = next((r for r in (record or {}).get("recipients", []) if r["address"] == where.address), None)
-        if entry is None:
+        if entry is None:  # its record is gone: an index entry nobody can settle, which would starve the rest
+            bridge.outbound_redis.zrem(WAITING, f"{where.owner}/{where.id}/{where.address}")
             continue
         state, reason = entry["state"], entry["reason"]
         if entry["postal"] is not None and client is not None:
@@ -287,7 +298,7 @@ def reconcile_outbound(limit: int = 200) -> dict[str, int]:
         _, owner, msg_id = key.split("/", 2)
         before = bridge.spool.exists(owner, msg_id)
         _drop_spool_when_done(bridge, owner, msg_id)
-        counts["spool_deleted"] += before and not bridge.spool.exists(owner, msg_id)
+        counts["spool_deleted"] += int(before and not bridge.spool.exists(owner, msg_id))
     log.info("reconcile: %s", dict(counts))
     return dict(counts)
 
