@@ -5,6 +5,7 @@ when DNS does not answer."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,10 +15,12 @@ from typing import Any
 
 import pytest
 
+from bridge import context, create_app
 from bridge.context import Bridge
 from bridge.jobs.outbound import RECONCILE_AFTER, enqueue_reconcile, reconcile_due, reconcile_outbound
+from bridge.settings import Settings
 from bridge.store.outbound import WAITING
-from tests.conftest import Owner, run_worker
+from tests.conftest import DOMAIN, Owner, make_owner, run_worker
 from tests.postal_api import PostalSendAPI
 
 # The fixtures are registered by importing them (their names are "domains", "environment", "postal").
@@ -116,3 +119,25 @@ def test_dns_that_does_not_answer_is_retried_then_failed_while_the_rest_goes_out
     assert states[lost]["route"] is None
     assert states[rcpt]["state"] == "accepted" and postal.accepted[rcpt] == 1
     assert not bridge.spool.exists(owner.mailbox.address, msg_id)
+
+
+def test_a_wrong_api_key_fails_permanently_and_appears_nowhere(
+    environment: dict[str, str], postal: PostalSendAPI, domains: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "wrong-key-" + "k" * 20
+    app = create_app(Settings.from_env({**environment, "BRIDGE_POSTAL_API_KEY": wrong}))
+    bridge = app.extensions["bridge"]
+    context.use(bridge)
+    try:
+        owner, client = make_owner(bridge, f"keyed@{DOMAIN}"), app.test_client()
+        rcpt = f"quin@{domains['smtp']}"
+        msg_id = send(client, owner, to=[rcpt], text="x").get_json()["id"]
+        with caplog.at_level(logging.DEBUG):
+            run_worker(bridge)
+        state = recipients(client, owner, msg_id)[rcpt]
+        assert state["state"] == "failed" and "InvalidServerAPIKey" in state["reason"]
+        record = bridge.outbound.get(owner.mailbox.address, msg_id)
+        assert wrong not in json.dumps(record) and wrong not in caplog.text
+        assert postal.accepted[rcpt] == 0
+    finally:
+        context.use(None)
