@@ -36,6 +36,7 @@ from rq.scheduler import RQScheduler
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable, RedisUnavailable
 from bridge.inbound import enqueue, enqueue_filing
+from bridge.jobs.outbound import enqueue_reconcile, reconcile_due
 from bridge.maintenance import rebuild_index
 from bridge.store.index import FILING, REDIS_ERRORS
 from bridge.store.objects import StorageUnavailable
@@ -48,6 +49,7 @@ REBUILD_LOCK_SECONDS = 900
 #: A started job is taken for dead this long after its time limit should have stopped it.
 STARTED_GRACE_SECONDS = 30
 RECHECK = "recheck"
+RECONCILE = "reconcile"
 RECHECK_JOB = "bridge.jobs.inbound.recheck_auth"
 RECHECK_JOB_TIMEOUT = 180
 
@@ -55,7 +57,7 @@ _ALIVE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 
 
 def sweep(bridge: Bridge) -> list[str]:
-    """One pass; returns what it did ("rebuilt", "filing", "recheck"). Raises when Redis is down."""
+    """One pass; returns what it did ("rebuilt", "filing", "recheck", "reconcile"). Raises when Redis is down."""
     done = []
     if bridge.index.epoch() is None:
         owner = uuid.uuid4().hex
@@ -87,6 +89,10 @@ def sweep(bridge: Bridge) -> list[str]:
     if bridge.index.due_rechecks(time.time(), 1) and not job_alive(bridge, bridge.index.noted_job(RECHECK)):
         bridge.index.note_job(RECHECK, enqueue(bridge, RECHECK_JOB, job_timeout=RECHECK_JOB_TIMEOUT))
         done.append("recheck")
+    # Postal gives up on a webhook after ~36 minutes: ask its message API about recipients left open.
+    if reconcile_due(bridge) and not job_alive(bridge, bridge.index.noted_job(RECONCILE)):
+        bridge.index.note_job(RECONCILE, enqueue_reconcile(bridge))
+        done.append("reconcile")
     return done
 
 
