@@ -99,12 +99,14 @@ ROUTES = [
     ("api.put_handshake", "PUT", "/api/v1/handshakes", "handshake"),
     ("api.list_handshakes", "GET", "/api/v1/handshakes", None),
     ("api.create_handshake_offer", "POST", "/api/v1/handshake-offers", None),
+    ("send.send_message", "POST", "/api/v1/messages", {"to": ["kim@example.org"], "subject": "s", "text": "t"}),
+    ("send.resend_message", "POST", "/api/v1/messages/{mine}/resend", {"address": "kim@example.org"}),
 ]
 ROUTE_IDS = [route[0] for route in ROUTES]
 
 
 def test_the_table_covers_every_owner_endpoint(app: Flask) -> None:
-    endpoints = {rule.endpoint for rule in app.url_map.iter_rules() if rule.endpoint.startswith("api.")}
+    endpoints = {rule.endpoint for rule in app.url_map.iter_rules() if rule.endpoint.startswith(("api.", "send."))}
     assert endpoints == set(ROUTE_IDS), "a new owner endpoint needs its row in ROUTES"
 
 
@@ -187,8 +189,16 @@ def test_only_the_bearer_scheme_authenticates_on_every_endpoint(
         assert_refused(call(client, route, mail, authorization))
     for authorization in (f"bearer {token}", f"BEARER {token}", f"Bearer {token} ", f"Bearer  {token}"):
         response = call(client, route, mail, authorization)
-        assert response.status_code in (200, 201), (authorization, response.status_code, response.get_data()[:200])
+        assert response.status_code in AS_OWNER.get(route[0], {200}), (authorization, response.get_data()[:200])
 
+
+# The owner's own token: what each route answers (resending an inbound message: not one it sent).
+AS_OWNER = {
+    "api.create_handshake_offer": {201},
+    "api.put_handshake": {200, 201},  # created, then unchanged
+    "send.send_message": {202},
+    "send.resend_message": {404},
+}
 
 # Another mailbox's valid token: authenticated, but the owner's data does not exist for it.
 AS_STRANGER = {
@@ -198,6 +208,8 @@ AS_STRANGER = {
     "api.put_handshake": 403,  # signed by the owner's key, not the stranger's
     "api.list_handshakes": 200,
     "api.create_handshake_offer": 201,  # an offer for its own mailbox
+    "send.send_message": 202,  # its own message, from its own address
+    "send.resend_message": 404,
 }
 
 
