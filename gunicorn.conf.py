@@ -19,7 +19,8 @@ Why these choices:
 * ``control_socket``: gunicorn 27 opens a control socket at one fixed path per user
   (``$XDG_RUNTIME_DIR/gunicorn.ctl`` or ``~/.gunicorn/gunicorn.ctl``): a second instance on the same
   host (the test suite, a scale-out) would take it over, and stopping one would delete the other's.
-  Each instance gets its own, named by the address it listens on, under BRIDGE_DATA_DIR/run.
+  Each instance gets its own, named by the port it listens on, under BRIDGE_DATA_DIR/run (none at
+  all when that path is too long for a Unix socket).
 """
 
 import sys
@@ -43,4 +44,10 @@ accesslog = "-"
 
 _run_dir = Path(_settings.data_dir) / "run"
 _run_dir.mkdir(parents=True, exist_ok=True)
-control_socket = str(_run_dir / f"gunicorn-{_settings.listen.replace(':', '-').replace('/', '_')}.ctl")
+_control = _run_dir / f"gunicorn-{_settings.listen.rsplit(':', 1)[1]}.ctl"  # one per port on this host
+if len(str(_control).encode()) > 100:
+    # A Unix socket's path holds at most 107 bytes on Linux: rather no control socket than one that
+    # fails to bind (or lands at a path another instance uses).
+    control_socket_disable = True
+else:
+    control_socket = str(_control)

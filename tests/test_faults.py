@@ -253,41 +253,34 @@ def test_redis_killed_mid_job_and_restarted_empty(stack: Stack, postal_signer: P
     assert "Redis went away" in stack.worker_log()
 
 
-def test_store_read_only_mid_stream(stack: Stack, postal_signer: PostalSigner) -> None:
-    if reason := stack.store.unsupported("read-only"):
+@pytest.mark.parametrize(
+    ("fault", "first_id"),
+    [("read-only", 2000), ("full", 3000)],
+    ids=["read-only", "full"],
+)
+def test_store_fault_mid_stream(stack: Stack, postal_signer: PostalSigner, fault: str, first_id: int) -> None:
+    if reason := stack.store.unsupported(fault):
         pytest.skip(reason)
-    owner = make_owner(stack.bridge, f"faults-ro@{DOMAIN}")
+    start, end = (
+        (stack.store.read_only, stack.store.writable)
+        if fault == "read-only"
+        else (
+            stack.store.fill,
+            stack.store.drain,
+        )
+    )
+    owner = make_owner(stack.bridge, f"faults-{fault}@{DOMAIN}")
     assert stack.worker is not None
     pid = stack.worker.pid
-    stream = Stream(stack, postal_signer, owner, 2000, 40, "w", senders=40).start()
+    stream = Stream(stack, postal_signer, owner, first_id, 40, fault[0], senders=40).start()
     stream.wait_accepted(15)
     # While a filing job runs: it fails on the store too (it used to be neither retried nor replaced).
     assert stack.wait_for_started_job(), "no filing job started"
-    stack.store.read_only()
+    start()
     try:
         time.sleep(2.5)
     finally:
-        stack.store.writable()
-    stream.join()
-    assert stream.retried > 0, "the fault did not hit any delivery"
-    _settled(stack, owner, stream)
-    _worker_healthy(stack, pid)
-
-
-def test_store_full_mid_stream(stack: Stack, postal_signer: PostalSigner) -> None:
-    if reason := stack.store.unsupported("full"):
-        pytest.skip(reason)
-    owner = make_owner(stack.bridge, f"faults-full@{DOMAIN}")
-    assert stack.worker is not None
-    pid = stack.worker.pid
-    stream = Stream(stack, postal_signer, owner, 3000, 40, "f", senders=40).start()
-    stream.wait_accepted(15)
-    assert stack.wait_for_started_job(), "no filing job started"
-    stack.store.fill()
-    try:
-        time.sleep(2.5)
-    finally:
-        stack.store.drain()
+        end()
     stream.join()
     assert stream.retried > 0, "the fault did not hit any delivery"
     _settled(stack, owner, stream)

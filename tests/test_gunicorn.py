@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,14 +104,24 @@ def test_gunicorn_refuses_an_oversize_chunked_delivery(gunicorn, environment, po
 def test_two_instances_on_one_host_keep_their_own_control_sockets(environment, tmp_path):
     # gunicorn 27's default control socket is one path per user: a second instance would take it over
     # and stopping either would delete the other's. gunicorn.conf.py gives each its own.
-    other = {**environment, "BRIDGE_DATA_DIR": str(tmp_path / "other-data")}
+    other = {**environment, "BRIDGE_DATA_DIR": str(tmp_path / "d2")}
+
+    def control_socket(env: dict[str, str], url: str) -> Path:
+        return Path(env["BRIDGE_DATA_DIR"]) / "run" / f"gunicorn-{url.rsplit(':', 1)[1]}.ctl"
+
+    def appears(path: Path) -> bool:  # gunicorn opens it once its workers are up, a moment after /healthz
+        deadline = time.monotonic() + 20
+        while not path.is_socket():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
     with gunicorn_process(environment, tmp_path / "a.log") as (first_url, _):
-        first_port = first_url.rsplit(":", 1)[1]
-        first_socket = Path(environment["BRIDGE_DATA_DIR"]) / "run" / f"gunicorn-127.0.0.1-{first_port}.ctl"
+        first_socket = control_socket(environment, first_url)
         with gunicorn_process(other, tmp_path / "b.log") as (second_url, _):
-            second_port = second_url.rsplit(":", 1)[1]
-            second_socket = Path(other["BRIDGE_DATA_DIR"]) / "run" / f"gunicorn-127.0.0.1-{second_port}.ctl"
-            assert first_socket.is_socket() and second_socket.is_socket()
+            second_socket = control_socket(other, second_url)
+            assert appears(first_socket) and appears(second_socket)
         assert not second_socket.exists()  # the second removed its own ...
         assert first_socket.is_socket()  # ... and left the first one's alone
         assert requests.get(f"{first_url}/healthz", timeout=10).status_code == 200
