@@ -18,7 +18,7 @@ run: apt-run $(VENV)/.run-deps
 	$(PY) -m bridge run
 
 test: apt-test $(VENV)/.test-deps tests/referee/node_modules/.installed
-	$(VENV)/bin/ruff check bridge tests bench wsgi.py
+	$(VENV)/bin/ruff check bridge tests bench wsgi.py gunicorn.conf.py
 	$(VENV)/bin/mypy bridge
 	$(PY) -m pytest -q
 
@@ -26,11 +26,11 @@ bench: apt-test $(VENV)/.test-deps
 	$(PY) -m bench
 
 lint: $(VENV)/.test-deps
-	$(VENV)/bin/ruff check bridge tests bench wsgi.py
-	$(VENV)/bin/ruff format --check bridge tests bench wsgi.py
+	$(VENV)/bin/ruff check bridge tests bench wsgi.py gunicorn.conf.py
+	$(VENV)/bin/ruff format --check bridge tests bench wsgi.py gunicorn.conf.py
 
 format: $(VENV)/.test-deps
-	$(VENV)/bin/ruff format bridge tests bench wsgi.py
+	$(VENV)/bin/ruff format bridge tests bench wsgi.py gunicorn.conf.py
 
 # Install Debian packages only when one is missing (apt-get needs root; CI and `make` run as root here).
 apt-run:
