@@ -344,7 +344,7 @@ def measure_hostile(bench: Bench, run: Run) -> None:
         loads = [(0, BASELINE)] + [(connections, kind) for connections in HOSTILE_SHARES for kind in extra]
         for repeat in range(config.hostile_repeats):
             for connections, kind in loads:
-                before = lab.resolver.counts()  # building pools asks no DNS: only the bridge's requests do
+                before = lab.resolver.silenced  # building pools asks no DNS: only the bridge's requests do
                 target, driver = extra.get(kind), None
                 if target is not None:
                     count = int(rate[kind] * connections * seconds * 2) + 10 * connections
@@ -356,7 +356,7 @@ def measure_hostile(bench: Bench, run: Run) -> None:
                 finally:
                     if driver is not None:
                         result["extra"] = _finish_driver(driver, seconds + 2 * HOSTILE_TIMEOUT)
-                result["dead_queries"] = lab.resolver.counts()[1] - before[1]
+                result["dead_queries"] = lab.resolver.silenced - before
                 answered = result["extra"]
                 if target is not None and answered is not None:
                     target.cursor += int(answered["sent"])
