@@ -228,8 +228,9 @@ def _wait_for_redis(bridge: Bridge, stopping: threading.Event) -> bool:
     while not stopping.is_set():
         try:
             if bridge.redis.ping():
-                if waited:
+                if waited or _announced.is_set():  # back, even if it was back before the first ping
                     log.warning("worker: Redis answers again; working")
+                _announced.clear()
                 return True
         except _LOST:
             pass
