@@ -72,32 +72,30 @@ class Accepted:
 
 
 @dataclass(frozen=True)
-class Permanent:
-    """Refused for good; ``code`` is Postal's (``UnauthenticatedFromAddress``, ``parameter-error``) or ``HTTP 403``."""
-
+class _Failure:
     code: str
     reason: str
     http_status: int | None = None
+
+
+@dataclass(frozen=True)
+class Permanent(_Failure):
+    """Refused for good; ``code`` is Postal's (``UnauthenticatedFromAddress``, ``parameter-error``) or ``HTTP 403``."""
+
     outcome: ClassVar[str] = "permanent"
 
 
 @dataclass(frozen=True)
-class Temporary:
+class Temporary(_Failure):
     """Provably not accepted (nothing reached Postal, or Postal said so): safe to try again later."""
 
-    code: str
-    reason: str
-    http_status: int | None = None
     outcome: ClassVar[str] = "temporary"
 
 
 @dataclass(frozen=True)
-class Uncertain:
+class Uncertain(_Failure):
     """Postal may have accepted it: never resend blindly. Only sends end here, never reads."""
 
-    code: str
-    reason: str
-    http_status: int | None = None
     outcome: ClassVar[str] = "uncertain"
 
 
