@@ -1,0 +1,149 @@
+"""``make bench``'s outbound part (``python -m bench.outbound``): the bridge's own cost per SMTP delivery.
+
+Issue 7's goal: the bridge's overhead per outbound delivery, beyond Postal's round trip, under 2 ms. Measured
+in one run against one local send-API server (tests/postal_api.py, written from postal.md):
+
+* **bare**: N ``POST /api/v1/send/raw`` calls made directly with requests (a new connection each, as the
+  bridge's client makes them), the same ~2 KB message each time;
+* **bridge**: N messages submitted through ``POST /api/v1/messages`` beforehand (untimed: that is the API's
+  share), then the worker's jobs timed in-process as the worker runs them: routing (discovery, cached after the
+  first), the Postal leg (attempt marked before and after the call, the spool read and deleted, Postal's ids
+  recorded). Every message goes to one recipient: a new recipient also costs one scrypt for the contact book
+  (~150 ms, the same price as for a new sender), which is reported apart, not hidden in the rate.
+
+Rounds are interleaved (bare, bridge, bare, bridge, ...) and medians reported. Everything runs on 127.0.0.1:
+a private redis-server, the suite's Knot (one MX record), the send-API server in this process. It writes
+bench/OUTBOUND.md and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from rq import SimpleWorker
+
+from bridge import context, create_app
+from bridge.mailio.identity import generate_user_keys
+from bridge.settings import Settings
+from tests.dns_server import KnotServer
+from tests.postal_api import API_KEY, PostalSendAPI
+from tests.servers import RedisServer
+
+DOMAIN = "example.test"
+RECIPIENT = "reader@out.peer.test"
+OUT = Path(__file__).resolve().parent / "OUTBOUND.md"
+
+
+def _bare_round(url: str, count: int, message: bytes) -> float:
+    """Seconds per call of ``count`` direct send/raw calls."""
+    body = {"mail_from": f"owner@{DOMAIN}", "rcpt_to": [RECIPIENT], "data": base64.b64encode(message).decode()}
+    headers = {"X-Server-API-Key": API_KEY, "Connection": "close"}
+    started = time.perf_counter()
+    for _ in range(count):
+        answer = requests.post(f"{url}/api/v1/send/raw", json=body, headers=headers, timeout=10)
+        if answer.json().get("status") != "success":
+            raise RuntimeError(f"bare call refused: {answer.text[:200]}")
+    return (time.perf_counter() - started) / count
+
+
+def _bridge_round(client: Any, bridge: Any, auth: dict[str, str], count: int, postal: PostalSendAPI) -> float:
+    """Seconds per delivery of the worker's jobs for ``count`` submitted messages (submission untimed)."""
+    before = postal.accepted[RECIPIENT]
+    for n in range(count):
+        answer = client.post(
+            "/api/v1/messages", json={"to": [RECIPIENT], "subject": f"bench {n}", "text": "x" * 1500}, headers=auth
+        )
+        if answer.status_code != 202:
+            raise RuntimeError(f"submission refused: {answer.status_code} {answer.get_data()[:200]!r}")
+    worker = SimpleWorker([bridge.queue], connection=bridge.redis)
+    started = time.perf_counter()
+    worker.work(burst=True, with_scheduler=False, logging_level="WARNING")
+    elapsed = time.perf_counter() - started
+    if postal.accepted[RECIPIENT] - before != count:
+        raise RuntimeError(f"Postal accepted {postal.accepted[RECIPIENT] - before} of {count}")
+    return elapsed / count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.outbound", description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=150, help="deliveries per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per target")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bridge-bench-out-") as tmp:
+        root = Path(tmp)
+        redis_server = RedisServer(root / "redis").start()
+        knot = KnotServer(root / "knot")
+        try:
+            dns = knot.start()
+            dns.set("out.peer.test", "MX", "10 mx.peer.test.")
+            with PostalSendAPI(verified_domains=(DOMAIN,)) as postal:
+                result = _measure(root, redis_server.url, dns.nameserver, postal, args.count, args.rounds)
+        finally:
+            knot.stop()
+            redis_server.stop()
+    text = _report(result, args.count, args.rounds)
+    OUT.write_text(text)
+    print(text)
+    return 0
+
+
+def _measure(root: Path, redis_url: str, nameserver: str, postal: PostalSendAPI, count: int, rounds: int) -> dict:
+    env = {
+        "BRIDGE_DOMAIN": DOMAIN,
+        "BRIDGE_DATA_DIR": str(root / "data"),
+        "BRIDGE_REDIS_URL": redis_url,
+        "BRIDGE_DNS_NAMESERVERS": nameserver,
+        "BRIDGE_POSTAL_URL": postal.url,
+        "BRIDGE_POSTAL_API_KEY": API_KEY,
+        "BRIDGE_SEND_LIMIT_MESSAGES": "1000000",
+        "BRIDGE_SEND_LIMIT_RECIPIENTS": "1000000",
+        "BRIDGE_LOG_LEVEL": "WARNING",
+    }
+    app = create_app(Settings.from_env(env))
+    bridge = app.extensions["bridge"]
+    context.use(bridge)
+    keys = generate_user_keys()
+    mailbox = bridge.mailboxes.add(f"owner@{DOMAIN}", keys.ed25519_public, keys.x25519_public)
+    auth = {"Authorization": f"Bearer {bridge.mailboxes.issue_token(mailbox)}"}
+    client = app.test_client()
+    message = f"From: owner@{DOMAIN}\r\nTo: {RECIPIENT}\r\nSubject: bench\r\n\r\n{'x' * 1500}\r\n".encode()
+    # The first message to a new recipient pays its contact-book scrypt and the first discovery: apart.
+    first = _bridge_round(client, bridge, auth, 1, postal)
+    bare, full = [], []
+    for _ in range(rounds):
+        bare.append(_bare_round(postal.url, count, message))
+        full.append(_bridge_round(client, bridge, auth, count, postal))
+    context.use(None)
+    return {"first": first, "bare": bare, "full": full}
+
+
+def _report(result: dict, count: int, rounds: int) -> str:
+    bare, full = statistics.median(result["bare"]) * 1000, statistics.median(result["full"]) * 1000
+    overhead = full - bare
+    goal = "< 2 ms beyond the round trip: " + ("met" if overhead < 2.0 else "**missed**")
+    runs = " / ".join(f"{b * 1000:.2f} vs {f * 1000:.2f}" for b, f in zip(result["bare"], result["full"], strict=True))
+    return f"""# `python -m bench.outbound`: the bridge's cost per SMTP delivery
+
+- Date: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; {rounds} interleaved rounds of {count} deliveries.
+- bare: direct send/raw calls to the local send-API server; bridge: the worker's routing and Postal-leg jobs
+  for messages submitted beforehand, in-process (RQ SimpleWorker, burst), same server, same recipient.
+
+| measure | bare (HTTP round trip) | bridge | overhead | goal |
+|---|---|---|---|---|
+| ms per delivery (median of rounds) | {bare:.2f} | {full:.2f} | {overhead:.2f} ms ({full / bare:.1f}x) | {goal} |
+
+Per round (bare vs bridge, ms): {runs}. Every bridge round's messages were accepted by the server exactly
+once each (checked). The first message to a new recipient took {result["first"] * 1000:.0f} ms (its
+contact-book scrypt and a cold discovery), not counted above.
+"""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
