@@ -336,15 +336,7 @@ def test_the_cache_holds_json_without_anything_secret(bridge: Bridge, knot_dns: 
     knot_dns.set_txt(f"mailio._mailiokey.mio.{domain}", record(key))
     bridge.discovery.discover(domain)
     stored = json.loads(redis.Redis.from_url(redis_url).get(CACHE_PREFIX + domain) or b"")
-    assert stored == {
-        "route": "mailio",
-        "domain": domain,
-        "host": f"mio.{domain}",
-        "key": key,
-        "cached": False,
-        "dnssec": False,
-        "reason": f"Mailio key published at mailio._mailiokey.mio.{domain}",
-    }
+    assert stored == _mio_route(domain, key)
 
 
 # --- DNSSEC -------------------------------------------------------------------------------------
@@ -402,15 +394,7 @@ def test_the_cli_prints_one_json_object(environment: dict[str, str], knot_dns: A
     knot_dns.set_txt(f"mailio._mailiokey.mio.{domain}", record(key))
     first = cli(environment, domain)
     assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout) == {
-        "route": "mailio",
-        "domain": domain,
-        "host": f"mio.{domain}",
-        "key": key,
-        "cached": False,
-        "dnssec": False,
-        "reason": f"Mailio key published at mailio._mailiokey.mio.{domain}",
-    }
+    assert json.loads(first.stdout) == _mio_route(domain, key)
     assert first.stdout.count("\n") == 1
     assert json.loads(cli(environment, domain).stdout)["cached"] is True
     assert json.loads(cli(environment, domain, "--fresh").stdout)["cached"] is False
@@ -432,3 +416,16 @@ def test_the_cli_exits_non_zero_for_a_temporary_failure(
     assert result.returncode == 75, result.stderr
     out = json.loads(result.stdout)
     assert (out["route"], out["domain"], out["cached"], out["dnssec"]) == ("temporary", domain, False, None)
+
+
+def _mio_route(domain: str, key: str) -> dict[str, object]:
+    """What a fresh lookup says of a domain whose key is published at its ``mio.`` candidate."""
+    return {
+        "route": "mailio",
+        "domain": domain,
+        "host": f"mio.{domain}",
+        "key": key,
+        "cached": False,
+        "dnssec": False,
+        "reason": f"Mailio key published at mailio._mailiokey.mio.{domain}",
+    }

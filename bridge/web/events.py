@@ -34,17 +34,16 @@ import math
 import re
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app
 
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable
-from bridge.postal.signatures import KeysUnavailable, SignatureError
 from bridge.store.index import PREFIX, REDIS_ERRORS
 from bridge.store.objects import StorageUnavailable
 from bridge.store.outbound import BOUNCED, DELAYED, DELIVERED, FAILED, HELD, PostalEvent
 
 # The inbound endpoint's body reader (limits, chunking, read deadline) and answers: one copy of each.
-from bridge.web.postal import BodyIncomplete, BodyTooLarge, cut_off, read_body, text_response
+from bridge.web.postal import text_response, verified_body
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("events", __name__)
@@ -135,21 +134,10 @@ def _reason(name: str, payload: dict[str, Any]) -> str | None:
 @blueprint.post("/postal/events")
 def events() -> Response:
     bridge: Bridge = current_app.extensions["bridge"]
-    try:
-        body = read_body(MAX_EVENT_BYTES)
-    except BodyTooLarge:
-        return text_response("event too large", 413)
-    except BodyIncomplete:
-        log.warning("postal events: request body incomplete, malformed or too slow")
-        return cut_off()
-    try:
-        bridge.postal_keys.verify(body, request.headers)
-    except SignatureError:
-        log.warning("postal events: signature rejected")
-        return text_response("invalid signature", 401)
-    except KeysUnavailable:
-        log.error("postal events: no Postal signing key available (check BRIDGE_POSTAL_PUBLIC_KEY/URL)")
-        return text_response("signing keys unavailable, retry later", 503)
+    verified = verified_body(bridge, MAX_EVENT_BYTES, "postal events", "event")
+    if isinstance(verified, Response):
+        return verified
+    body, _kid = verified
     try:
         name, uuid, at, payload = parse_event(body)
         event = message_event(name, uuid, at, payload) if name in STATES else None

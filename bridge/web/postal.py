@@ -108,25 +108,39 @@ def cut_off() -> Response:
     return response
 
 
-@blueprint.post("/postal/inbound")
-def inbound() -> Response:
-    bridge: Bridge = current_app.extensions["bridge"]
-    settings = bridge.settings
+def verified_body(bridge: Bridge, limit: int, where: str, what: str) -> tuple[bytearray, str] | Response:
+    """Read a request Postal signed and check its signature over the exact bytes, before any parsing.
+
+    Returns (body, the signing key's KID), or the answer to give: 413 over ``limit`` (``what`` too
+    large), 400/408 for a body that did not arrive whole, 401 for a missing or wrong signature, 503
+    when no key can be had. ``where`` names the endpoint in the log. Every Postal ingress uses this.
+    """
     try:
-        body = read_body(request_limit(settings.max_message_bytes))
+        body = read_body(limit)
     except BodyTooLarge:
-        return text_response("message too large", 413)
+        return text_response(f"{what} too large", 413)
     except BodyIncomplete:
-        log.warning("postal inbound: request body incomplete, malformed or too slow")
+        log.warning("%s: request body incomplete, malformed or too slow", where)
         return cut_off()
     try:
         kid = bridge.postal_keys.verify(body, request.headers)
     except SignatureError:
-        log.warning("postal inbound: signature rejected")
+        log.warning("%s: signature rejected", where)
         return text_response("invalid signature", 401)
     except KeysUnavailable:
-        log.error("postal inbound: no Postal signing key available (check BRIDGE_POSTAL_PUBLIC_KEY/URL)")
+        log.error("%s: no Postal signing key available (check BRIDGE_POSTAL_PUBLIC_KEY/URL)", where)
         return text_response("signing keys unavailable, retry later", 503)
+    return body, kid
+
+
+@blueprint.post("/postal/inbound")
+def inbound() -> Response:
+    bridge: Bridge = current_app.extensions["bridge"]
+    settings = bridge.settings
+    verified = verified_body(bridge, request_limit(settings.max_message_bytes), "postal inbound", "message")
+    if isinstance(verified, Response):
+        return verified
+    body, kid = verified
     try:
         message = parse_inbound(body, request.content_type or "", settings.max_message_bytes)
     except MessageTooLarge as exc:
