@@ -93,6 +93,20 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "86400",
         "seconds an uncertain recipient's encrypted copy is kept for the owner's explicit resend",
     ),
+    "BRIDGE_PUBLIC_URL": (
+        "",
+        "the bridge's own public https base URL (DID documents' service endpoints); default https://<BRIDGE_DOMAIN>",
+    ),
+    "BRIDGE_SERVER_KEY_FILE": (
+        "",
+        "the server's Ed25519 key (MTP signatures; `keys init` makes it 0600); default <BRIDGE_DATA_DIR>/server.key",
+    ),
+    "BRIDGE_MTP_TIME_WINDOW": ("300", "seconds a peer's signed MTP timestamp may differ from our clock"),
+    "BRIDGE_MTP_MAX_BYTES": (
+        "83886080",
+        "largest MTP request body in bytes (413 above, before reading); a message travels about 3.1 times its size",
+    ),
+    "BRIDGE_MTP_RATE_LIMIT": ("600", "MTP requests one sender domain may make per minute (429 above)"),
 }
 
 _DOMAIN = re.compile(
@@ -129,6 +143,11 @@ class Settings:
     send_limit_recipients: int = 1000
     outbound_retry_delays: tuple[int, ...] = (60, 300, 900, 3600, 14400)
     uncertain_window: int = 86400
+    public_url: str = ""  # "": https://<domain>
+    server_key_file: Path | None = None  # None: <data_dir>/server.key
+    mtp_time_window: int = 300
+    mtp_max_bytes: int = 83886080
+    mtp_rate_limit: int = 600
 
     @property
     def postal_jwks_url(self) -> str | None:
@@ -137,6 +156,15 @@ class Settings:
     @property
     def spool_key_path(self) -> Path:
         return self.spool_key_file or self.data_dir / "spool.key"
+
+    @property
+    def server_key_path(self) -> Path:
+        return self.server_key_file or self.data_dir / "server.key"
+
+    @property
+    def public_base_url(self) -> str:
+        """Where peers reach this bridge over HTTPS, without a trailing slash."""
+        return (self.public_url or f"https://{self.domain}").rstrip("/")
 
     @property
     def unknown_recipient_status(self) -> int:
@@ -215,6 +243,11 @@ class Settings:
             send_limit_recipients=_positive_int("BRIDGE_SEND_LIMIT_RECIPIENTS", get("BRIDGE_SEND_LIMIT_RECIPIENTS")),
             outbound_retry_delays=_delays("BRIDGE_OUTBOUND_RETRY_DELAYS", get("BRIDGE_OUTBOUND_RETRY_DELAYS")),
             uncertain_window=_positive_int("BRIDGE_UNCERTAIN_WINDOW", get("BRIDGE_UNCERTAIN_WINDOW")),
+            public_url=_public_url(get("BRIDGE_PUBLIC_URL")),
+            server_key_file=Path(get("BRIDGE_SERVER_KEY_FILE")).resolve() if get("BRIDGE_SERVER_KEY_FILE") else None,
+            mtp_time_window=_positive_int("BRIDGE_MTP_TIME_WINDOW", get("BRIDGE_MTP_TIME_WINDOW")),
+            mtp_max_bytes=_positive_int("BRIDGE_MTP_MAX_BYTES", get("BRIDGE_MTP_MAX_BYTES")),
+            mtp_rate_limit=_positive_int("BRIDGE_MTP_RATE_LIMIT", get("BRIDGE_MTP_RATE_LIMIT")),
         )
 
 
@@ -256,6 +289,16 @@ def _candidates(value: str) -> tuple[str, ...]:
     if any(p and not re.match(rf"^{label}(\.{label})*$", p) for p in prefixes) or len(set(prefixes)) != len(prefixes):
         raise SettingsError("BRIDGE_DISCOVERY_CANDIDATES must be distinct host-name prefixes or @, comma separated")
     return prefixes
+
+
+def _public_url(value: str) -> str:
+    """An https:// base URL without query or fragment (http only for a loopback test setup), or ""."""
+    if not value:
+        return ""
+    parsed = urlparse(value)
+    if parsed.scheme not in ("https", "http") or not parsed.hostname or parsed.query or parsed.fragment:
+        raise SettingsError("BRIDGE_PUBLIC_URL must be an https:// base URL such as https://mail.example.com")
+    return value.rstrip("/")
 
 
 def _boolean(name: str, value: str) -> bool:
