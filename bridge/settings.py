@@ -7,6 +7,7 @@ The README's settings table mirrors ``SETTINGS`` below; keep them in step.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -93,6 +94,14 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "86400",
         "seconds an uncertain recipient's encrypted copy is kept for the owner's explicit resend",
     ),
+    "BRIDGE_PEER_TIMEOUT": ("10", "seconds one call to a Mailio peer may take in all (connect, send, the whole answer)"),
+    "BRIDGE_PEER_MAX_ANSWER_BYTES": ("1048576", "largest answer read from a Mailio peer (DID documents, receipts); cut off above"),
+    "BRIDGE_PEER_ALLOWLIST": (
+        "",
+        "CIDRs the peer client may connect to although private, loopback, ... (comma separated); unset: none",
+    ),
+    "BRIDGE_PEER_URLS": ("", "host=base-url,... : where a Mailio host is reached instead of https://<host> (still guarded)"),
+    "BRIDGE_ALLOW_INSECURE_PEERS": ("false", "true: peers may be reached over plain http (tests only; warned at start)"),
     "BRIDGE_PUBLIC_URL": (
         "",
         "the bridge's own public https base URL (DID documents' service endpoints); default https://<BRIDGE_DOMAIN>",
@@ -143,6 +152,11 @@ class Settings:
     send_limit_recipients: int = 1000
     outbound_retry_delays: tuple[int, ...] = (60, 300, 900, 3600, 14400)
     uncertain_window: int = 86400
+    peer_timeout: float = 10.0
+    peer_max_answer_bytes: int = 1048576
+    peer_allowlist: str = ""  # CIDRs; bridge.mailio.peers parses and checks them
+    peer_urls: str = ""  # host=base-url pairs; bridge.mailio.peers parses and checks them
+    allow_insecure_peers: bool = False
     public_url: str = ""  # "": https://<domain>
     server_key_file: Path | None = None  # None: <data_dir>/server.key
     mtp_time_window: int = 300
@@ -243,12 +257,37 @@ class Settings:
             send_limit_recipients=_positive_int("BRIDGE_SEND_LIMIT_RECIPIENTS", get("BRIDGE_SEND_LIMIT_RECIPIENTS")),
             outbound_retry_delays=_delays("BRIDGE_OUTBOUND_RETRY_DELAYS", get("BRIDGE_OUTBOUND_RETRY_DELAYS")),
             uncertain_window=_positive_int("BRIDGE_UNCERTAIN_WINDOW", get("BRIDGE_UNCERTAIN_WINDOW")),
+            peer_timeout=_seconds("BRIDGE_PEER_TIMEOUT", get("BRIDGE_PEER_TIMEOUT"), maximum=300),
+            peer_max_answer_bytes=_positive_int("BRIDGE_PEER_MAX_ANSWER_BYTES", get("BRIDGE_PEER_MAX_ANSWER_BYTES")),
+            peer_allowlist=_peer_setting("BRIDGE_PEER_ALLOWLIST", get("BRIDGE_PEER_ALLOWLIST")),
+            peer_urls=_peer_setting("BRIDGE_PEER_URLS", get("BRIDGE_PEER_URLS")),
+            allow_insecure_peers=_boolean("BRIDGE_ALLOW_INSECURE_PEERS", get("BRIDGE_ALLOW_INSECURE_PEERS")),
             public_url=_public_url(get("BRIDGE_PUBLIC_URL")),
             server_key_file=Path(get("BRIDGE_SERVER_KEY_FILE")).resolve() if get("BRIDGE_SERVER_KEY_FILE") else None,
             mtp_time_window=_positive_int("BRIDGE_MTP_TIME_WINDOW", get("BRIDGE_MTP_TIME_WINDOW")),
             mtp_max_bytes=_positive_int("BRIDGE_MTP_MAX_BYTES", get("BRIDGE_MTP_MAX_BYTES")),
             mtp_rate_limit=_positive_int("BRIDGE_MTP_RATE_LIMIT", get("BRIDGE_MTP_RATE_LIMIT")),
         )
+
+
+def client_api_url(environ: Mapping[str, str] | None = None) -> str | None:
+    """Where the client commands (``mail ...``, ``handshake ...``) find the owner API.
+
+    ``BRIDGE_API_URL``, else ``BRIDGE_PUBLIC_URL`` (the bridge's own public base URL), else
+    ``http://`` + ``BRIDGE_LISTEN`` (on the bridge's machine); None when none is set: no port is guessed.
+    """
+    env = os.environ if environ is None else environ
+    for name in ("BRIDGE_API_URL", "BRIDGE_PUBLIC_URL"):
+        if value := env.get(name, "").strip():
+            return value
+    listen = env.get("BRIDGE_LISTEN", "").strip()
+    return f"http://{listen}" if listen else None
+
+
+def client_api_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """The owner's bearer token for the client commands (``BRIDGE_API_TOKEN``), if set."""
+    env = os.environ if environ is None else environ
+    return env.get("BRIDGE_API_TOKEN", "").strip() or None
 
 
 def _positive_int(name: str, value: str) -> int:
@@ -299,6 +338,43 @@ def _public_url(value: str) -> str:
     if parsed.scheme not in ("https", "http") or not parsed.hostname or parsed.query or parsed.fragment:
         raise SettingsError("BRIDGE_PUBLIC_URL must be an https:// base URL such as https://mail.example.com")
     return value.rstrip("/")
+
+
+def parse_peer_allowlist(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``"127.0.0.2/32, 10.1.0.0/16"`` -> networks (BRIDGE_PEER_ALLOWLIST); ``ValueError`` naming the bad entry."""
+    networks = []
+    for entry in (e.strip() for e in value.split(",")):
+        if entry:
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                raise ValueError(f"{entry[:60]!r} is not an IP address or CIDR") from None
+    return tuple(networks)
+
+
+def parse_peer_urls(value: str) -> dict[str, str]:
+    """``"peer.test=http://127.0.0.3:8080,..."`` -> {host: base URL without a trailing slash} (BRIDGE_PEER_URLS)."""
+    urls: dict[str, str] = {}
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        host, sep, url = entry.partition("=")
+        parts = urlparse(url.strip())
+        if not sep or not host.strip() or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{entry[:80]!r} is not host=http(s)://base-url")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(f"{entry[:80]!r}: a base URL has no query, fragment or credentials")
+        urls[host.strip().lower().rstrip(".")] = url.strip().rstrip("/")
+    return urls
+
+
+def _peer_setting(name: str, value: str) -> str:
+    """Checked here so a bad value stops start-up with one line; ``bridge.mailio.peers`` parses it again."""
+    try:
+        (parse_peer_allowlist if name == "BRIDGE_PEER_ALLOWLIST" else parse_peer_urls)(value)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+    return value
 
 
 def _boolean(name: str, value: str) -> bool:

@@ -1,0 +1,60 @@
+"""``handshake approve|revoke|list``: the owner signs on their own machine (the server never sees the
+private key), then uploads the signed document to the owner API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bridge.commands import CommandError, api, api_url, client_parser
+
+
+def register(verbs: Any) -> None:
+    handshake = verbs.add_parser("handshake", help="client side: approve, revoke and list senders").add_subparsers(
+        dest="action", required=True
+    )
+    for name, helptext in (
+        ("approve", "sign an 'accepted' handshake for SENDER on this machine and upload it"),
+        ("revoke", "sign a 'revoked' handshake for SENDER and upload it"),
+    ):
+        signing = client_parser(handshake, name, helptext, cmd_handshake_sign)
+        signing.set_defaults(status=name)
+        signing.add_argument("sender", help="an e-mail address, or a Mailio sender's did:web:HOST#0x...")
+        signing.add_argument("--key", required=True, help="your key file (from `mailbox add`)")
+    client_parser(handshake, "list", "list your handshakes", cmd_handshake_list)
+
+
+def cmd_handshake_sign(args: argparse.Namespace) -> int:
+    from urllib.parse import urlparse
+
+    from bridge.mailio.handshakes import HandshakeError, sign_handshake
+    from bridge.mailio.identity import UserKeys
+
+    try:
+        keys = UserKeys.from_key_file(json.loads(Path(args.key).read_text()))
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"cannot use key file: {exc.__class__.__name__}") from None
+    sender = args.sender.strip()
+    who = {"sender_did": sender} if sender.startswith("did:") else {"sender_email": sender.lower()}
+    try:
+        document = sign_handshake(
+            ed25519_private=keys.ed25519_private,
+            status="accepted" if args.status == "approve" else "revoked",
+            origin_domain=urlparse(api_url(args)).hostname or "localhost",
+            **who,
+        )
+    except HandshakeError as exc:
+        raise CommandError(str(exc)) from None
+    result = api("PUT", args, "/api/v1/handshakes", document)
+    content = result["handshake"]["content"]
+    print(json.dumps({"result": result["result"], "handshakeId": content["handshakeId"], "status": content["status"]}))
+    return 0
+
+
+def cmd_handshake_list(args: argparse.Namespace) -> int:
+    for document in api("GET", args, "/api/v1/handshakes")["handshakes"]:
+        content = document["content"]
+        print(json.dumps({k: content.get(k) for k in ("handshakeId", "status", "senderMetadata", "created")}))
+    return 0
