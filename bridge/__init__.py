@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     configure_logging(settings)
     bridge = Bridge(settings)
     _ = bridge.redis_url  # fail at start-up, not on the first request, when Redis is not configured
+    _ = bridge.peers  # built now, so that BRIDGE_ALLOW_INSECURE_PEERS is announced at start
     from bridge.web import api, events, ops, postal, send
     from bridge.web.deadlines import deadlines
     from bridge.web.postal import request_limit

@@ -18,6 +18,7 @@ from rq import Queue
 
 from bridge.dns import UnreachableZones, make_resolver
 from bridge.mailio.discovery import Discovery
+from bridge.mailio.peers import PeerClient
 from bridge.postal.client import PostalClient
 from bridge.postal.signatures import PostalKeyring, load_public_keys
 from bridge.settings import Settings, SettingsError
@@ -141,6 +142,12 @@ class Bridge:
             shared = None  # no Redis configured (a CLI command): this process's own memory only
         resolver.unreachable = UnreachableZones(shared)
         return resolver
+
+    @cached_property
+    def peers(self) -> PeerClient:
+        """The guarded HTTP client for every call to a Mailio peer (``bridge.mailio.peers``), resolving
+        names through the bridge's resolver as discovery does."""
+        return PeerClient.from_settings(self.settings, self.resolver)
 
     @cached_property
     def discovery(self) -> Discovery:

@@ -74,6 +74,8 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "seconds of DNS all of one delivery's DKIM key lookups may take before answering Postal (temperror after)",
     ),
     "BRIDGE_LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
+    "BRIDGE_LOG_FORMAT": ("json", "json (one JSON object a line, web and worker alike) or text (for development)"),
+    "BRIDGE_METRICS_TOKEN": ("", "bearer token GET /metrics requires; unset: open (restrict it at the proxy)"),
     "BRIDGE_DISCOVERY_CANDIDATES": (
         "@,mio,mailio,didcomm",
         "Mailio discovery: where mailio._mailiokey.<prefix>.<domain> is looked up, in order; @ is the domain itself",
@@ -94,14 +96,26 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "86400",
         "seconds an uncertain recipient's encrypted copy is kept for the owner's explicit resend",
     ),
-    "BRIDGE_PEER_TIMEOUT": ("10", "seconds one call to a Mailio peer may take in all (connect, send, the whole answer)"),
-    "BRIDGE_PEER_MAX_ANSWER_BYTES": ("1048576", "largest answer read from a Mailio peer (DID documents, receipts); cut off above"),
+    "BRIDGE_PEER_TIMEOUT": (
+        "10",
+        "seconds one call to a Mailio peer may take in all (connect, send, the whole answer)",
+    ),
+    "BRIDGE_PEER_MAX_ANSWER_BYTES": (
+        "1048576",
+        "largest answer read from a Mailio peer (DID documents, receipts); cut off above",
+    ),
     "BRIDGE_PEER_ALLOWLIST": (
         "",
         "CIDRs the peer client may connect to although private, loopback, ... (comma separated); unset: none",
     ),
-    "BRIDGE_PEER_URLS": ("", "host=base-url,... : where a Mailio host is reached instead of https://<host> (still guarded)"),
-    "BRIDGE_ALLOW_INSECURE_PEERS": ("false", "true: peers may be reached over plain http (tests only; warned at start)"),
+    "BRIDGE_PEER_URLS": (
+        "",
+        "host=base-url,... : where a Mailio host is reached instead of https://<host> (still guarded)",
+    ),
+    "BRIDGE_ALLOW_INSECURE_PEERS": (
+        "false",
+        "true: peers may be reached over plain http (tests only; warned at start)",
+    ),
     "BRIDGE_PUBLIC_URL": (
         "",
         "the bridge's own public https base URL (DID documents' service endpoints); default https://<BRIDGE_DOMAIN>",
@@ -162,6 +176,8 @@ class Settings:
     mtp_time_window: int = 300
     mtp_max_bytes: int = 83886080
     mtp_rate_limit: int = 600
+    log_format: str = "json"
+    metrics_token: str = ""
 
     @property
     def postal_jwks_url(self) -> str | None:
@@ -229,6 +245,9 @@ class Settings:
         level = get("BRIDGE_LOG_LEVEL").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("BRIDGE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        log_format = get("BRIDGE_LOG_FORMAT").lower()
+        if log_format not in ("json", "text"):
+            raise SettingsError("BRIDGE_LOG_FORMAT must be json or text")
         return cls(
             domain=domain,
             data_dir=data_dir,
@@ -245,6 +264,8 @@ class Settings:
             listen=listen,
             web_workers=workers,
             log_level=level,
+            log_format=log_format,
+            metrics_token=get("BRIDGE_METRICS_TOKEN"),
             web_threads=threads,
             read_timeout=read_timeout,
             dkim_dns_budget=dkim_budget,
