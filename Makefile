@@ -54,12 +54,15 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 
-$(VENV)/.run-deps: requirements.txt | $(VENV)/bin/python
+# The package itself goes in editable (its console script .venv/bin/mailio-bridge runs this tree's code).
+$(VENV)/.run-deps: requirements.txt pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test-deps: requirements.txt requirements-dev.txt | $(VENV)/bin/python
+$(VENV)/.test-deps: requirements.txt requirements-dev.txt pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@ $(VENV)/.run-deps
 
 tests/referee/node_modules/.installed: tests/referee/package.json tests/referee/package-lock.json

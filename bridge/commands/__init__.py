@@ -76,6 +76,28 @@ def api(method: str, args: argparse.Namespace, path: str, document: Any = None) 
     return response.json()
 
 
+def load_key_file(path: str) -> tuple[dict[str, Any], Any]:
+    """The owner's key file as JSON and as ``UserKeys``; an error names the file and what is wrong with it."""
+    import json
+
+    from bridge.mailio.identity import UserKeys
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise CommandError(f"cannot read key file {path}: {exc.strerror or exc.__class__.__name__}") from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{path} is not a key file: not text") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise CommandError(f"{path} is not a key file: not JSON") from None
+    try:
+        return data, UserKeys.from_key_file(data)
+    except ValueError as exc:  # the reasons name fields, never key material
+        raise CommandError(f"{path} is not a usable key file: {exc}") from None
+
+
 def write_private_file(path: Path, data: bytes) -> None:
     """Create a file only its owner can read; refuse to overwrite an existing key."""
     try:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-from bridge.commands import CommandError, api, api_url, client_parser
+from bridge.commands import CommandError, api, api_url, client_parser, load_key_file
 
 
 def register(verbs: Any) -> None:
@@ -30,12 +29,8 @@ def cmd_handshake_sign(args: argparse.Namespace) -> int:
     from urllib.parse import urlparse
 
     from bridge.mailio.handshakes import HandshakeError, sign_handshake
-    from bridge.mailio.identity import UserKeys
 
-    try:
-        keys = UserKeys.from_key_file(json.loads(Path(args.key).read_text()))
-    except (OSError, ValueError) as exc:
-        raise CommandError(f"cannot use key file: {exc.__class__.__name__}") from None
+    _, keys = load_key_file(args.key)
     sender = args.sender.strip()
     who = {"sender_did": sender} if sender.startswith("did:") else {"sender_email": sender.lower()}
     try:

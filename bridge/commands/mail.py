@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bridge.commands import CommandError, api, client_parser
+from bridge.commands import CommandError, api, client_parser, load_key_file
 
 
 def register(verbs: Any) -> None:
@@ -99,19 +99,26 @@ def cmd_mail_resend(args: argparse.Namespace) -> int:
 
 
 def cmd_mail_read(args: argparse.Namespace) -> int:
-    from bridge.mailio.identity import UserKeys
     from bridge.sealing import SealingError, open_sealed
 
-    try:
-        key_file = json.loads(Path(args.key).read_text())
-        UserKeys.from_key_file(key_file)
-    except (OSError, ValueError) as exc:
-        raise CommandError(f"cannot use key file: {exc.__class__.__name__}") from None
+    key_file, keys = load_key_file(args.key)
     data = api("GET", args, f"/api/v1/messages/{args.id}")
     try:
         plaintext = open_sealed(data["body"], key_file["encryption_key"])
-    except SealingError as exc:
-        raise CommandError(str(exc)) from None
+    except SealingError:
+        raise CommandError(f"this key does not open that message ({_whose(data['body'], keys.address)})") from None
     sys.stdout.buffer.write(plaintext)
     sys.stdout.buffer.flush()
     return 0
+
+
+def _whose(sealed: Any, key_address: str) -> str:
+    """Whom a sealed body is for, against whom the key is for: the usual mistake is another mailbox's key."""
+    kids = []
+    if isinstance(sealed, dict):
+        for recipient in sealed.get("recipients") or []:
+            header = recipient.get("header") if isinstance(recipient, dict) else None
+            if isinstance(header, dict) and isinstance(header.get("kid"), str):
+                kids.append(header["kid"].rpartition("#")[2])
+    sealed_to = ", ".join(kids) or "an unknown recipient"
+    return f"the key file is {key_address}'s, the message is sealed to {sealed_to}"
