@@ -23,6 +23,7 @@ from rq import SimpleWorker
 
 from bridge import context, create_app
 from bridge.context import Bridge
+from bridge.mailio.identity import email_lookup_hash
 from bridge.sealing import open_sealed
 from bridge.settings import Settings
 from bridge.store.spool import Spool, SpoolError
@@ -236,6 +237,47 @@ def test_a_leftover_sending_mark_is_uncertain_not_resent(
     run_worker(bridge)
     assert recipients(client, owner, msg_id)[rcpt]["state"] == "uncertain"
     assert postal.accepted[rcpt] == 0
+
+
+def test_a_thousand_recipient_message_is_routed_in_bulk_and_tracked_per_recipient(
+    client: Any, bridge: Bridge, owner: Owner, postal: PostalSendAPI, domains: dict[str, str]
+) -> None:
+    smtp = [f"r{i:04d}@{domains['smtp']}" for i in range(998)]
+    mailio, nothing = f"ann@{domains['mailio']}", f"cy@{domains['none']}"
+    response = send(client, owner, to=smtp[:500], cc=[mailio, *smtp[500:]], bcc=[nothing], subject="All", text="hi")
+    assert response.status_code == 202, response.get_data()[:300]
+    msg_id = response.get_json()["id"]
+    run_jobs(bridge, 2)  # the routing job, then the delivery job (the contacts job stays queued)
+    assert bridge.sender_hashes.computed == 0  # no scrypt on the way to Postal
+    calls = [seen for seen in postal.seen if seen.path == "/api/v1/send/raw"]
+    assert len(calls) == 20 and all(len(json.loads(c.body)["rcpt_to"]) == 50 for c in calls[:-1])
+    assert sorted(postal.accepted) == sorted(smtp) and postal.duplicates() == {}
+    states = recipients(client, owner, msg_id)
+    assert len(states) == 1000
+    accepted = [states[a] for a in smtp]
+    assert {s["state"] for s in accepted} == {"accepted"} and len({s["postal"]["id"] for s in accepted}) == 998
+    assert states[mailio]["state"] == "queued" and states[mailio]["reason"] == "Mailio delivery not available yet"
+    assert states[nothing]["state"] == "failed"
+    # Each recipient is followed on its own: Postal's id of one of them finds that one only.
+    ref = states[smtp[777]]["postal"]
+    assert bridge.outbound.find_postal(ref["id"], ref["token"]).address == smtp[777]
+    assert bridge.spool.exists(owner.mailbox.address, msg_id)  # the Mailio recipient still waits for it
+
+
+def test_the_contacts_job_records_whom_the_owner_wrote_to(
+    client: Any, bridge: Bridge, owner: Owner, postal: PostalSendAPI, domains: dict[str, str]
+) -> None:
+    first, second, stranger = f"Kim@{domains['smtp']}", f"lee@{domains['none']}", f"max@{domains['smtp']}"
+    send(client, owner, to=[first, second], subject="s", text="t")
+    run_worker(bridge)
+    hashes = {address: email_lookup_hash(address) for address in (first, second, stranger)}
+    known = bridge.contacts.known(owner.mailbox.address, hashes.values())
+    assert known == {hashes[first], hashes[second]} and bridge.sender_hashes.computed == 2
+    send(client, owner, to=[first.lower()], subject="again", text="t")
+    run_worker(bridge)
+    assert bridge.sender_hashes.computed == 2  # hashed once per address, whoever writes to it again
+    bridge.redis.delete(f"bridge:contacts:{owner.mailbox.address}", f"bridge:contacts:{owner.mailbox.address}:loaded")
+    assert bridge.contacts.known(owner.mailbox.address, hashes.values()) == {hashes[first], hashes[second]}
 
 
 def test_the_spool_is_encrypted_and_deleted_after_the_handoff(

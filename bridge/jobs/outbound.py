@@ -1,7 +1,7 @@
 """Outbound jobs: route a sent message per recipient domain, then hand SMTP recipients to Postal.
 
-``route_message(owner, msg_id)``: records the owner's contacts, then asks discovery about each domain
-with recipients still ``queued`` and unrouted (or held for the Mailio leg):
+``route_message(owner, msg_id)`` asks discovery about each domain with recipients still ``queued`` and
+unrouted (or held for the Mailio leg), and records every route in one update of the record:
 
 * ``mailio`` -> route ``mailio``, kept ``queued`` with "Mailio delivery not available yet" (the peer leg
   is the next issue's): never sent over SMTP instead, never dropped;
@@ -10,7 +10,13 @@ with recipients still ``queued`` and unrouted (or held for the Mailio leg):
 * ``temporary`` (DNS timeout, SERVFAIL) -> the job raises ``RetryLater`` and RQ runs it again after the
   next of BRIDGE_OUTBOUND_RETRY_DELAYS; past the last, those recipients fail with the reason.
 
-``deliver_postal(owner, msg_id)`` sends the spooled plaintext with ``send/raw``, 50 recipients a call.
+It then queues ``record_contacts(owner, msg_id)``: screening's "people you wrote to" are kept by their
+e-mail lookup hash, one scrypt (~120 ms, cached in Redis) per address never hashed before, so a
+1,000-recipient message costs that job about a minute of CPU; it runs after the delivery job, off the
+path to Postal. A reply that arrives before it has run is screened like any unknown sender's.
+
+``deliver_postal(owner, msg_id)`` sends the spooled plaintext with ``send/raw``, 50 recipients a call,
+each call three updates of the record (before, after, Postal's ids), whatever the batch's size.
 **Never twice**: every call is marked on the record before it is made (``start_attempt``: outcome
 ``sending``) and after (``end_attempt``). A mark still ``sending`` when a job starts means a worker died
 during a call that Postal may have taken: that recipient becomes ``uncertain`` and is not resent.
@@ -57,6 +63,7 @@ log = logging.getLogger(__name__)
 
 ROUTE_JOB = "bridge.jobs.outbound.route_message"
 DELIVER_JOB = "bridge.jobs.outbound.deliver_postal"
+CONTACTS_JOB = "bridge.jobs.outbound.record_contacts"
 ROUTE_TIMEOUT = 900  # discovery is bounded per domain (5 s); a message may name many domains
 DELIVER_TIMEOUT = 1800  # 20 calls of 50 recipients, each bounded by twice BRIDGE_POSTAL_TIMEOUT
 MAILIO_NOT_YET = "Mailio delivery not available yet"
@@ -75,6 +82,10 @@ def enqueue_route(bridge: Bridge, owner: str, msg_id: str) -> str:
 def enqueue_delivery(bridge: Bridge, owner: str, msg_id: str) -> str:
     delays = bridge.settings.outbound_retry_delays
     return enqueue(bridge, DELIVER_JOB, owner, msg_id, job_timeout=DELIVER_TIMEOUT, retry_intervals=delays)
+
+
+def enqueue_contacts(bridge: Bridge, owner: str, msg_id: str) -> str:
+    return enqueue(bridge, CONTACTS_JOB, owner, msg_id, job_timeout=ROUTE_TIMEOUT, retry_intervals=(60, 600))
 
 
 def _last_try() -> bool:
@@ -97,13 +108,14 @@ def route_message(owner: str, msg_id: str) -> dict[str, int]:
     if record is None:
         log.warning("route: no outbound record %s", msg_id)
         return {}
-    _record_contacts(bridge, owner, record)
     by_domain: dict[str, list[str]] = defaultdict(list)
     for entry in record["recipients"]:
         if entry["state"] == QUEUED and entry["route"] in (None, MAILIO):
             by_domain[_domain(entry["address"])].append(entry["address"])
     counts: dict[str, int] = defaultdict(int)
-    waiting: list[tuple[str, str]] = []
+    routes: dict[str, tuple[str, str | None]] = {}
+    waiting: list[str] = []
+    reasons: list[str] = []
     for domain, addresses in by_domain.items():
         try:
             route = bridge.discovery.discover(domain)
@@ -111,23 +123,23 @@ def route_message(owner: str, msg_id: str) -> dict[str, int]:
         except InvalidDomain:
             kind, reason = "none", "not a mail domain"
         counts[kind] += len(addresses)
-        for address in addresses:
-            if kind == "temporary":
-                waiting.append((address, reason))
-            elif kind == MAILIO:
-                bridge.outbound.set_route(owner, msg_id, address, MAILIO, reason=MAILIO_NOT_YET)
-            elif kind == SMTP:
-                bridge.outbound.set_route(owner, msg_id, address, SMTP)
-            else:
-                bridge.outbound.set_route(owner, msg_id, address, "none", reason=f"no mail service: {reason}")
-    record = bridge.outbound.get(owner, msg_id) or record
+        if kind == "temporary":
+            waiting.extend(addresses)
+            reasons.append(reason)
+            continue
+        chosen = {MAILIO: (MAILIO, MAILIO_NOT_YET), SMTP: (SMTP, None)}.get(
+            kind, ("none", f"no mail service: {reason}")
+        )
+        routes |= dict.fromkeys(addresses, chosen)
+    if routes:
+        record = bridge.outbound.set_routes(owner, msg_id, routes)
     if any(e["route"] == SMTP and e["state"] == QUEUED for e in record["recipients"]):
         enqueue_delivery(bridge, owner, msg_id)
+    enqueue_contacts(bridge, owner, msg_id)  # after the delivery job: the worker takes that one first
     if waiting:
         if not _last_try():
             raise RetryLater(f"discovery did not answer for {len(waiting)} recipient(s)")
-        for address, reason in waiting:
-            bridge.outbound.set_state(owner, msg_id, address, FAILED, f"DNS did not answer, gave up: {reason}")
+        bridge.outbound.set_states(owner, msg_id, waiting, FAILED, f"DNS did not answer, gave up: {reasons[0]}")
         _drop_spool_when_done(bridge, owner, msg_id)
     elif not any(e["route"] == SMTP for e in record["recipients"]):
         _drop_spool_when_done(bridge, owner, msg_id)  # no delivery job will run to do it
@@ -135,11 +147,18 @@ def route_message(owner: str, msg_id: str) -> dict[str, int]:
     return dict(counts)
 
 
-def _record_contacts(bridge: Bridge, owner: str, record: dict[str, Any]) -> None:
-    """Note whom the owner wrote to (screening files their replies in the inbox). Safe to repeat."""
+def record_contacts(owner: str, msg_id: str) -> int:
+    """Note whom the owner wrote to (screening files their replies in the inbox), in one pass: the
+    lookup hashes of all recipients (new ones computed in parallel, cached in Redis), then one batch
+    into the contact book. Safe to repeat; returns how many contacts were new."""
+    bridge = context.current()
+    record = bridge.outbound.get(owner, msg_id)
+    if record is None:
+        return 0
     hashes = bridge.sender_hashes.lookup_hashes(e["address"] for e in record["recipients"])
-    for email_hash in dict.fromkeys(hashes.values()):
-        bridge.contacts.record(owner, email_hash)
+    added = bridge.contacts.record_many(owner, hashes.values())
+    log.info("contacts: %s %d new of %d", msg_id, added, len(hashes))
+    return added
 
 
 # --- the Postal leg ---------------------------------------------------------------------------------
@@ -168,8 +187,7 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
         return {}
     spooled = bridge.spool.get(owner, msg_id)
     if spooled is None:
-        for address in todo:
-            outbound.set_state(owner, msg_id, address, FAILED, "the copy to send is no longer kept: send it again")
+        outbound.set_states(owner, msg_id, todo, FAILED, "the copy to send is no longer kept: send it again")
         return {"failed": len(todo)}
     mail_from, message = spooled
     try:
@@ -191,15 +209,12 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
             refs = {rcpt: {"id": ref.id, "token": ref.token} for rcpt, ref in result.recipients.items()}
             outbound.record_postal(owner, msg_id, refs)
         elif isinstance(result, Permanent):
-            for address in batch:
-                outbound.set_state(owner, msg_id, address, FAILED, f"Postal refused it: {detail}")
+            outbound.set_states(owner, msg_id, batch, FAILED, f"Postal refused it: {detail}")
         elif isinstance(result, Temporary):
             left.extend(batch)
             reason, stop = f"Postal did not take it: {detail}", True
         else:
-            for address in batch:
-                note = f"Postal may have taken it ({detail}): not resent"
-                outbound.set_state(owner, msg_id, address, UNCERTAIN, note)
+            outbound.set_states(owner, msg_id, batch, UNCERTAIN, f"Postal may have taken it ({detail}): not resent")
             reason, stop = f"not attempted after an uncertain call ({result.code})", True
     if left:
         _not_sent(bridge, owner, msg_id, left, reason)
@@ -211,23 +226,24 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
 def _not_sent(bridge: Bridge, owner: str, msg_id: str, addresses: list[str], reason: str) -> dict[str, int]:
     """Recipients provably not sent: retry the job later, or after the last delay fail them with ``reason``."""
     if not _last_try():
-        for address in addresses:
-            bridge.outbound.set_route(owner, msg_id, address, SMTP, reason=f"will retry: {reason}")
+        bridge.outbound.set_routes(owner, msg_id, dict.fromkeys(addresses, (SMTP, f"will retry: {reason}")))
         raise RetryLater(reason)
-    for address in addresses:
-        bridge.outbound.set_state(owner, msg_id, address, FAILED, f"gave up after retries: {reason}")
+    bridge.outbound.set_states(owner, msg_id, addresses, FAILED, f"gave up after retries: {reason}")
     return {"failed": len(addresses)}
 
 
 def _settle_interrupted(bridge: Bridge, owner: str, msg_id: str, record: dict[str, Any]) -> None:
     """An attempt still marked ``sending`` belongs to a worker that died during its call: ``uncertain``."""
+    interrupted: dict[int, list[str]] = defaultdict(list)
     for entry in record["recipients"]:
         for attempt in entry["attempts"]:
             if attempt["outcome"] == "sending":
-                note = "the worker stopped during the call to Postal"
-                bridge.outbound.end_attempt(owner, msg_id, [entry["address"]], attempt["n"], "interrupted", note)
-                reason = "interrupted while handing it to Postal: not resent"
-                bridge.outbound.set_state(owner, msg_id, entry["address"], UNCERTAIN, reason)
+                interrupted[attempt["n"]].append(entry["address"])
+    for number, addresses in interrupted.items():
+        note = "the worker stopped during the call to Postal"
+        bridge.outbound.end_attempt(owner, msg_id, addresses, number, "interrupted", note)
+        reason = "interrupted while handing it to Postal: not resent"
+        bridge.outbound.set_states(owner, msg_id, addresses, UNCERTAIN, reason)
 
 
 def _drop_spool_when_done(bridge: Bridge, owner: str, msg_id: str) -> None:

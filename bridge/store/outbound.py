@@ -50,6 +50,7 @@ from bridge.store.outbound_states import (
     PostalEvent,
     apply_event,
     cut,
+    entries,
     entry,
     find,
     may_move,
@@ -106,27 +107,47 @@ class OutboundStore:
 
     def set_route(self, owner: str, msg_id: str, address: str, route_: str, *, reason: str | None = None) -> dict:
         """Record the route discovery chose; ``none`` fails the recipient with ``reason`` (permanent)."""
-        if route_ not in ROUTES:
-            raise ValueError(f"unknown route {route_!r}")
-        return self._update(owner, msg_id, lambda record: route(entry(record, address), route_, reason))
+        return self.set_routes(owner, msg_id, {address: (route_, reason)})
+
+    def set_routes(self, owner: str, msg_id: str, routes: Mapping[str, tuple[str, str | None]]) -> dict[str, Any]:
+        """``set_route`` for many recipients in one record update: ``{address: (route, reason)}``."""
+        for route_, _ in routes.values():
+            if route_ not in ROUTES:
+                raise ValueError(f"unknown route {route_!r}")
+
+        def change(record: dict[str, Any]) -> None:
+            for found, (route_, reason) in zip(entries(record, list(routes)), routes.values(), strict=True):
+                route(found, route_, reason)
+
+        return self._update(owner, msg_id, change)
 
     def set_state(self, owner: str, msg_id: str, address: str, state: str, reason: str | None = None) -> bool:
         """Move one recipient if ``may_move`` allows; True if it moved. ``uncertain`` also applies the
         events kept for it, matched by its address (the Postal id was never learnt)."""
+        return bool(self.set_states(owner, msg_id, [address], state, reason))
+
+    def set_states(
+        self, owner: str, msg_id: str, addresses: Iterable[str], state: str, reason: str | None = None
+    ) -> list[str]:
+        """``set_state`` for many recipients in one record update; returns the addresses that moved."""
         if state not in RANK:
             raise ValueError(f"unknown state {state!r}")
-        moved: list[bool] = []
+        wanted = list(addresses)
+        moved: list[str] = []
 
         def change(record: dict[str, Any]) -> None:
-            found = entry(record, address)
-            moved.append(may_move(found["state"], state))
-            if moved[0]:
-                move(found, state, reason)
-            if state == UNCERTAIN and found["postal"] is None:
-                self._drain_pending(record, lambda e: e.to.lower() == found["address"].lower())
+            unknown: set[str] = set()
+            for address, found in zip(wanted, entries(record, wanted), strict=True):
+                if may_move(found["state"], state):
+                    move(found, state, reason)
+                    moved.append(address)
+                if state == UNCERTAIN and found["postal"] is None:
+                    unknown.add(found["address"].lower())
+            if unknown:
+                self._drain_pending(record, lambda e: e.to.lower() in unknown)
 
         self._update(owner, msg_id, change)
-        return moved[0]
+        return moved
 
     def start_attempt(self, owner: str, msg_id: str, addresses: Iterable[str]) -> int:
         """Note, before calling Postal, that these recipients are being sent: returns the attempt number.
@@ -139,8 +160,8 @@ class OutboundStore:
         def change(record: dict[str, Any]) -> None:
             number = 1 + max((a["n"] for r in record["recipients"] for a in r["attempts"]), default=0)
             numbers.append(number)
-            for address in wanted:
-                entry(record, address)["attempts"].append(
+            for found in entries(record, wanted):
+                found["attempts"].append(
                     {"n": number, "started_at": time.time(), "ended_at": None, "outcome": "sending", "detail": None}
                 )
 
@@ -154,8 +175,8 @@ class OutboundStore:
         wanted = [a.lower() for a in addresses]
 
         def change(record: dict[str, Any]) -> None:
-            for address in wanted:
-                for attempt in entry(record, address)["attempts"]:
+            for found in entries(record, wanted):
+                for attempt in found["attempts"]:
                     if attempt["n"] == number:
                         attempt |= {"ended_at": time.time(), "outcome": outcome, "detail": cut(detail)}
 
@@ -167,8 +188,7 @@ class OutboundStore:
         by_address = {rcpt.strip().lower(): ids for rcpt, ids in messages.items()}
 
         def change(record: dict[str, Any]) -> None:
-            for rcpt, ids in by_address.items():
-                found = entry(record, rcpt)
+            for found, ids in zip(entries(record, list(by_address)), by_address.values(), strict=True):
                 found["postal"] = {"id": int(ids["id"]), "token": str(ids["token"])}
                 if may_move(found["state"], ACCEPTED):
                     move(found, ACCEPTED, None)

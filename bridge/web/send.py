@@ -11,8 +11,9 @@ in_reply_to, from}`` (``bridge.mail.compose``). Before the 202, in this order, e
 4. the ``sent`` folder's index entry, and the routing job, queued with ids only.
 
 A crash in between leaves objects nobody sends (no job was queued): nothing goes out before the record
-is durable. Contacts (screening's "people you wrote to") are recorded by the routing job: each new
-address costs one scrypt (~120 ms), which a 1,000-recipient request could not pay before answering.
+is durable. Contacts (screening's "people you wrote to") are recorded by a job the routing job queues
+after the delivery: each new address costs one scrypt (~120 ms), which a 1,000-recipient request could
+not pay before answering, nor the routing job before Postal gets the message.
 
 ====  ==============================================================================================
 code  when
