@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bridge.commands import EX_TEMPFAIL, CommandError, admin, handshake, mail, mailbox
+from bridge.commands import EX_TEMPFAIL, CommandError, admin, handshake, mail, mailbox, server
 from bridge.settings import SettingsError
 
 __all__ = ["EX_TEMPFAIL", "CommandError", "build_parser", "main"]
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     mail.register(verbs)
     handshake.register(verbs)
     admin.register(verbs)
+    server.register(verbs)
     return parser
 
 

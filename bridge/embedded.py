@@ -199,7 +199,7 @@ def _print_postal_instructions(settings: Settings, host: str, port: str) -> None
 Mailio bridge running at http://{host}:{port}  (Ctrl-C stops it)
 
 In Postal (Routing -> HTTP Endpoints -> Add):
-  URL:       https://{settings.domain}/postal/inbound   (your TLS proxy in front of http://{host}:{port})
+  URL:       {settings.public_base_url}/postal/inbound   (BRIDGE_PUBLIC_URL: your TLS proxy in front of http://{host}:{port})
   Encoding:  BodyAsJSON          Format: RawMessage (Hash works too, but is lossy)
   Then add a route (*@{settings.domain} or name@...) with that endpoint.
 
@@ -211,3 +211,4 @@ Mailboxes: python -m bridge mailbox add you@{settings.domain}
 """,
         flush=True,
     )
+Mailio peers: python -m bridge keys init, then publish what python -m bridge dns-records prints.

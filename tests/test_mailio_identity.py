@@ -15,6 +15,7 @@ from joserfc import jws
 from joserfc.jwk import OKPKey
 
 from bridge.mailio import identity
+from bridge.mailio.did import user_did_document
 from bridge.mailio.identity import (
     UserKeys,
     did_mailio,
@@ -24,7 +25,6 @@ from bridge.mailio.identity import (
     handshake_id,
     mailio_address,
     parse_public_key_b64,
-    user_did_document,
 )
 
 VECTORS: dict[str, Any] = json.loads((Path(__file__).parent / "data" / "mailio_vectors.json").read_text())

@@ -1,5 +1,7 @@
 """Mailio identity: addresses, DIDs, e-mail lookup hashes, handshake ids and user key files.
 
+DID documents are built and read in ``bridge.mailio.did``.
+
 Everything here is a pure function of its inputs, bit-for-bit compatible with the reference Go server
 (mailio/go-mailio-server ``util/crypto.go``, mailio/go-mailio-did ``did/document.go``), because other
 Mailio servers and clients derive the same values independently and compare them.
@@ -23,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 KEY_LENGTH = 32
-MESSAGING_PATH = "/api/v1/mtp/message"
 
 # scrypt parameters of the e-mail lookup hash (the reference's "SC_N32768_R8_P1_L32_B64" scheme).
 SCRYPT_N = 32768
@@ -120,59 +121,6 @@ def did_mailio(address: str) -> str:
 def did_web(host: str, address: str) -> str:
     """The messaging identity: JWE ``kid`` of sealed bodies and the Mailio sender key of handshakes."""
     return f"did:web:{host}#{address}"
-
-
-def user_did_document(host: str, address: str, ed25519_public: bytes, x25519_public: bytes) -> dict[str, Any]:
-    """The user's DID document served at ``https://<host>/<address>/did.json``.
-
-    Follows go-mailio-did ``NewMailioDIDDocument`` member for member, so reference clients find what they
-    look for: ``verificationMethod[0]`` is the ``JsonWebKey2020`` Ed25519 key ``<did>#master``;
-    ``keyAgreement[0]`` is an ``X25519KeyAgreementKey2019`` whose ``publicKeyMultibase`` is bare base58btc
-    (no multibase ``z`` prefix: the reference decodes it with plain base58) and whose ``id`` is the
-    document's own DID, as in the reference. We add a ``publicKeyJwk`` twin for standard JOSE consumers.
-    Deliberate differences: the service endpoint carries its ``https://`` scheme (the reference adds it
-    when missing), service ids hang off the user's DID (the reference uses the server's, which this
-    function does not know), and there is no ``MailioDIDAuth`` service because the bridge offers none.
-    """
-    if address != mailio_address(ed25519_public):
-        raise ValueError("address does not derive from the Ed25519 public key")
-    if not isinstance(x25519_public, bytes | bytearray) or len(x25519_public) != KEY_LENGTH:
-        raise ValueError("an X25519 public key must be 32 bytes")
-    did = did_mailio(address)
-    return {
-        "@context": [
-            "https://www.w3.org/ns/did/v1",
-            "https://w3id.org/security/suites/ed25519-2020/v1",
-            "https://w3id.org/security/suites/x25519-2019/v1",
-        ],
-        "id": did,
-        "authentication": [f"{did}#master"],
-        "verificationMethod": [
-            {
-                "id": f"{did}#master",
-                "type": "JsonWebKey2020",
-                "controller": did,
-                "publicKeyJwk": {"kty": "OKP", "crv": "Ed25519", "x": _b64url(bytes(ed25519_public))},
-            }
-        ],
-        "keyAgreement": [
-            {
-                "id": did,
-                "type": "X25519KeyAgreementKey2019",
-                "controller": did,
-                "publicKeyMultibase": _base58btc(bytes(x25519_public)),
-                "publicKeyJwk": {"kty": "OKP", "crv": "X25519", "x": _b64url(bytes(x25519_public))},
-            }
-        ],
-        "service": [
-            {
-                "id": f"{did}#didcomm",
-                "type": "DIDCommMessaging",
-                "serviceEndpoint": f"https://{host}{MESSAGING_PATH}",
-                "accept": ["didcomm/v2", "didcomm/aip2;env=rfc587"],
-            }
-        ],
-    }
 
 
 @dataclass(frozen=True, repr=False)
