@@ -21,11 +21,15 @@ Why these choices:
   host (the test suite, a scale-out) would take it over, and stopping one would delete the other's.
   Each instance gets its own, named by the port it listens on, under BRIDGE_DATA_DIR/run (none at
   all when that path is too long for a Unix socket).
+* metrics: every web process writes its counters into files under BRIDGE_DATA_DIR/metrics/web
+  (``bridge.metrics``), emptied when this master starts; ``child_exit`` tells prometheus-client that
+  a process died, so a scrape answered by any process shows the totals of all of them.
 """
 
 import sys
 from pathlib import Path
 
+from bridge import metrics
 from bridge.settings import Settings, SettingsError
 
 try:
@@ -51,3 +55,14 @@ if len(str(_control).encode()) > 100:
     control_socket_disable = True
 else:
     control_socket = str(_control)
+
+_metrics_dir = metrics.directories(_settings.data_dir)["web"]
+metrics.share_through(_metrics_dir)  # before any worker is forked: they inherit it
+
+
+def on_starting(server: object) -> None:
+    metrics.clear(_metrics_dir)  # a previous run's processes are gone, and so are their counts
+
+
+def child_exit(server: object, worker: object) -> None:
+    metrics.process_died(worker.pid)  # type: ignore[attr-defined]

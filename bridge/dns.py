@@ -42,6 +42,7 @@ import dns.ttl
 from publicsuffixlist import PublicSuffixList
 from redis.exceptions import RedisError
 
+from bridge import metrics
 from bridge.errors import DependencyUnavailable
 
 __all__ = [
@@ -238,34 +239,45 @@ def lookup(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> Lookup:
     if deadline is not None:
         left = deadline - time.monotonic()
         if left <= 0.005:
+            metrics.DNS_LOOKUPS.labels(outcome="budget_spent").inc()
             raise DNSUnavailable(f"DNS time budget spent before asking {rdtype} {name}")
         lifetime = min(resolver.lifetime, left)
+    cached = _cached(resolver, qname, rdtype)
+    if cached:
+        metrics.DNS_CACHE_HITS.labels(rdtype=rdtype).inc()
     memory = getattr(resolver, "unreachable", None)
     zone = None
-    if memory is not None and not _cached(resolver, qname, rdtype):
+    if memory is not None and not cached:
         zone = organizational_domain(qname.to_text(omit_final_dot=True))
         if memory.is_unreachable(zone):
+            metrics.DNS_LOOKUPS.labels(outcome="skipped").inc()
             raise DNSUnavailable(f"DNS for {zone} did not answer lately")
     started = time.monotonic()
     try:
         answer = resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False, lifetime=lifetime)
     except dns.resolver.NXDOMAIN as exc:
+        metrics.DNS_LOOKUPS.labels(outcome="nxdomain").inc()
         return _negative(exc)
     except (dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
+        metrics.DNS_LOOKUPS.labels(outcome="nodata").inc()
         return Lookup()
     except dns.exception.Timeout as exc:
         _reraise_foreign(exc)
+        metrics.DNS_LOOKUPS.labels(outcome="timeout").inc()
         # A budget nearly spent is this delivery's limit, not evidence about the zone: remember real waits.
         if memory is not None and zone is not None and time.monotonic() - started >= _CONVICTING_WAIT:
             memory.mark(zone)
         raise DNSUnavailable(f"DNS timeout asking {rdtype} {name}") from exc
     except dns.resolver.NoNameservers as exc:
         _reraise_foreign(exc)
+        metrics.DNS_LOOKUPS.labels(outcome="servfail").inc()
         if memory is not None and zone is not None:
             memory.mark(zone)
         raise DNSUnavailable(f"no DNS server answered {rdtype} {name} (SERVFAIL or refused)") from exc
     except dns.exception.DNSException as exc:
+        metrics.DNS_LOOKUPS.labels(outcome="error").inc()
         raise DNSUnavailable(f"DNS error asking {rdtype} {name}: {type(exc).__name__}") from exc
+    metrics.DNS_LOOKUPS.labels(outcome="answer" if answer.rrset is not None else "nodata").inc()
     return Lookup(
         records=[] if answer.rrset is None else list(answer.rrset),
         # From the resolver's cache too: the expiration was set when the answer arrived.

@@ -26,6 +26,7 @@ from types import FrameType
 
 import redis
 
+from bridge import metrics
 from bridge.context import embedded_redis_socket
 from bridge.settings import Settings, SettingsError
 from bridge.store.objects import open_object_store
@@ -87,6 +88,8 @@ class _Stop(Exception):
 def run_embedded() -> int:
     settings = Settings.from_env()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    for directory in metrics.directories(settings.data_dir).values():
+        metrics.clear(directory)  # this machine's counters start with its processes
     stopping = {"now": False}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -208,7 +211,7 @@ Postal's signing key is {keys}. Until it is, deliveries get 503 and Postal keeps
   on the Postal host run `postal default-dkim-record` and set BRIDGE_POSTAL_PUBLIC_KEY='<the p= value>'.
 
 Mailboxes: python -m bridge mailbox add you@{settings.domain}
+Mailio peers: python -m bridge keys init, then publish what python -m bridge dns-records prints.
 """,
         flush=True,
     )
-Mailio peers: python -m bridge keys init, then publish what python -m bridge dns-records prints.

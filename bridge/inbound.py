@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from bridge import metrics
 from bridge.context import Bridge
 from bridge.dns import dns_budget
 from bridge.errors import RedisUnavailable
@@ -99,6 +100,8 @@ def accept_postal_delivery(bridge: Bridge, message: InboundMessage, postal_kid: 
     sealed = seal(message.message, [mailbox.recipient(bridge.settings.domain)], aad)
     created = bridge.messages.create_body(mailbox.address, msg_id, sealed_chunks(sealed))
     del sealed
+    if created:
+        metrics.STORED_BYTES.labels(source="postal").inc(len(message.message))
     return _noted(bridge, mailbox.address, msg_id, message, aad if created else None, received_at)
 
 

@@ -31,7 +31,7 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 
-from bridge import context
+from bridge import context, metrics
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable
 from bridge.inbound import enqueue_filing
@@ -148,6 +148,8 @@ def run_worker(*, burst: bool = False) -> int:
     bridge = context.current()
     from bridge import configure_logging
 
+    # Counters into files beside the web processes' (``bridge.metrics``): their /metrics adds them up.
+    metrics.share_through(metrics.directories(bridge.settings.data_dir)["worker"])
     configure_logging(bridge.settings)
     # RQ's default handler lets Ctrl-C raise KeyboardInterrupt anywhere: between work loops
     # (waiting for Redis) a signal only asks this loop to stop.
@@ -162,6 +164,8 @@ def run_worker(*, burst: bool = False) -> int:
     finally:
         stopping.set()
         housekeeping.join(timeout=5)
+        with suppress(*_LOST):
+            metrics.forget_worker(bridge.redis)
     log.info("worker stopped")
     return 0
 

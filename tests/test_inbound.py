@@ -417,10 +417,10 @@ def test_rebuild_index_restores_listings_and_queues_unfiled_mail(
 
 
 def test_health_reports_dependencies(client, redis_server):
-    assert client.get("/healthz").get_json()["status"] == "ok"
+    assert client.get("/readyz").get_json()["status"] == "ok"
     redis_server.stop()
     try:
-        response = client.get("/healthz")
+        response = client.get("/readyz")
         assert response.status_code == 503 and response.get_json()["redis"] == "unavailable"
     finally:
         redis_server.start()

@@ -1,12 +1,15 @@
-"""Operations: the RQ dashboard behind the operator's password, and health."""
+"""Operations: the RQ dashboard behind the operator's password, liveness (/healthz) and readiness (/readyz)."""
 
 from __future__ import annotations
 
 import base64
+import shutil
+import time
 
 from bridge import create_app
 from bridge.settings import Settings
 from tests.conftest import bridge_environment
+from tests.servers import RedisServer, kill_redis
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -44,3 +47,37 @@ def test_a_bug_is_a_short_500_not_a_503(app, caplog):
     assert "unexpected KeyError at" in logged
     assert "secret-value" not in logged and "Traceback" not in logged
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_readyz_is_503_while_redis_is_dead_and_recovers(tmp_path, postal_signer):
+    """A private Redis, SIGKILLed and restarted: the load balancer's probe follows it; /healthz does not."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        client = create_app(Settings.from_env(bridge_environment(tmp_path, server.url, postal_signer))).test_client()
+        assert client.get("/readyz").get_json() == {"status": "ok", "redis": "ok", "storage": "ok"}
+        kill_redis(server)
+        started = time.monotonic()
+        down = client.get("/readyz")
+        assert down.status_code == 503
+        assert down.get_json() == {"status": "unavailable", "redis": "unavailable", "storage": "ok"}
+        assert time.monotonic() - started < 3  # a probe is answered promptly, not after Redis's long timeouts
+        assert client.get("/healthz").status_code == 200  # the process itself is fine: no restart wanted
+        scrape = client.get("/metrics")
+        assert scrape.status_code == 200 and b"bridge_redis_up 0.0" in scrape.data
+        server.start()
+        assert client.get("/readyz").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_readyz_is_503_while_the_object_store_is_gone(client, settings):
+    objects = settings.data_dir / "objects"
+    assert client.get("/readyz").status_code == 200
+    shutil.rmtree(objects)
+    try:
+        response = client.get("/readyz")
+        assert response.status_code == 503 and response.get_json()["storage"] == "unavailable"
+        assert client.get("/healthz").get_json() == {"status": "ok"}
+    finally:
+        objects.mkdir()
+    assert client.get("/readyz").status_code == 200

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from bridge import context
+from bridge import context, metrics
 from bridge.context import Bridge
 from bridge.jobs.auth import RECHECK_DELAYS, authenticate_records, needs_recheck, sender_key
 from bridge.mailio.identity import handshake_id
@@ -32,6 +32,7 @@ def file_unfiled() -> int:
     bridge = context.current()
     total = 0
     while True:
+        started = time.monotonic()
         batch = bridge.index.unfiled(BATCH)
         if not batch:
             if bridge.index.release_drain():
@@ -62,6 +63,8 @@ def file_unfiled() -> int:
             (r["mailbox"], r["id"], 0, now + RECHECK_DELAYS[0]) for r in fresh if needs_recheck(r["verdicts"])
         )
         total += len(fresh)
+        metrics.FILING_SECONDS.labels(job="file_unfiled").observe(time.monotonic() - started)
+        metrics.FILED.labels(job="file_unfiled").inc(len(fresh))
         log.info("filed %d messages", len(fresh))
 
 
@@ -163,4 +166,5 @@ def _screen(bridge: Bridge, records: list[dict[str, Any]]) -> None:
             decision = classify(record, standing)
             record["verdicts"]["handshake"] = standing.handshake
             record["verdicts"]["rule"] = decision.rule
+            metrics.SCREENING.labels(folder=decision.folder, rule=decision.rule).inc()
             record.update(folder=decision.folder, reason=decision.reason)

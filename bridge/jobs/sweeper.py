@@ -33,6 +33,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.scheduler import RQScheduler
 
+from bridge import metrics
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable, RedisUnavailable
 from bridge.inbound import enqueue, enqueue_filing
@@ -136,6 +137,7 @@ class Housekeeping(threading.Thread):
     def run(self) -> None:
         next_sweep = 0.0
         while not self.stopping.is_set():
+            self._quietly("heartbeat", lambda: metrics.worker_heartbeat(self.bridge.redis))
             self._quietly("scheduler", self._schedule)
             if time.monotonic() >= next_sweep or self._sweep_now.is_set():
                 self._sweep_now.clear()

@@ -37,6 +37,7 @@ import requests
 import urllib3.exceptions
 from requests.exceptions import InvalidHeader, InvalidSchema, InvalidURL, MissingSchema
 
+from bridge import metrics
 from bridge.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ class PostalClient:
             )
         return deliveries
 
+    @metrics.postal_call
     def _call(
         self,
         path: str,

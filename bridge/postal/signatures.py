@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from bridge import metrics
 from bridge.postal.jwks import JwksUnavailable, SharedJwks, fetch_jwks
 from bridge.postal.keys import MIN_KEY_BITS, key_id, load_public_keys, parse_jwks
 
@@ -251,10 +252,12 @@ class PostalKeyring:
                 document = self._fetch_document()
                 fetched = _parse_document(document)
             except KeysUnavailable as exc:
+                metrics.JWKS_FETCHES.labels(outcome="failed").inc()
                 log.warning("Postal JWKS fetch failed: %s", exc)
                 self._jwks_ok = False  # keep the keys we had: a rotation is not a revocation
                 self._adopt_shared()
             else:
+                metrics.JWKS_FETCHES.labels(outcome="ok").inc()
                 self._jwks, self._jwks_ok, self._jwks_fetched_at = fetched, True, time.time()
                 if self._shared is not None:
                     self._shared.store(document, self._jwks_fetched_at)
@@ -272,6 +275,7 @@ class PostalKeyring:
         except KeysUnavailable:
             return False  # not written by us (we store only documents that parsed): ignore it
         self._jwks_fetched_at = shared[1]
+        metrics.JWKS_FETCHES.labels(outcome="shared").inc()
         log.info("using the Postal JWKS another process fetched (%d keys)", len(self._jwks))
         return True
 

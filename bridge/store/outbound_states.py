@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from bridge import metrics
+
 QUEUED, UNCERTAIN, ACCEPTED, DELAYED, HELD = "queued", "uncertain", "accepted", "delayed", "held"
 DELIVERED, FAILED, BOUNCED = "delivered", "failed", "bounced"
 RANK = {QUEUED: 0, UNCERTAIN: 1, ACCEPTED: 2, DELAYED: 3, HELD: 3, DELIVERED: 4, FAILED: 5, BOUNCED: 5}
@@ -103,6 +105,8 @@ def apply_event(entry: dict[str, Any], event: PostalEvent) -> str:
 
 
 def move(entry: dict[str, Any], state: str, reason: str | None) -> None:
+    if entry.get("state") != state:
+        metrics.OUTBOUND_RECIPIENTS.labels(state=state).inc()
     entry.update(state=state, reason=cut(reason), updated_at=time.time())
 
 

@@ -26,16 +26,18 @@ The signature is checked over the exact raw bytes before anything parses them.
 from __future__ import annotations
 
 import logging
+import re
 
 from flask import Blueprint, Response, current_app, request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import ClientDisconnected
 
+from bridge import metrics
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable
 from bridge.inbound import UNKNOWN_RECIPIENT, accept_postal_delivery
 from bridge.postal.payloads import MessageTooLarge, PayloadError, parse_inbound
-from bridge.postal.signatures import KeysUnavailable, SignatureError
+from bridge.postal.signatures import KID_HEADER, KeysUnavailable, SignatureError
 from bridge.store.objects import StorageUnavailable
 from bridge.web.deadlines import deadlines
 
@@ -108,6 +110,15 @@ def cut_off() -> Response:
     return response
 
 
+def _claimed_kid() -> str:
+    """The KID header as received, for the log: whole when it looks like one, else only its length."""
+    claimed = request.headers.get(KID_HEADER)
+    if claimed is None:
+        return "none"
+    claimed = claimed.strip()
+    return claimed if re.fullmatch(r"[0-9A-Fa-f]{1,128}", claimed) else f"<malformed, {len(claimed)} characters>"
+
+
 def verified_body(bridge: Bridge, limit: int, where: str, what: str) -> tuple[bytearray, str] | Response:
     """Read a request Postal signed and check its signature over the exact bytes, before any parsing.
 
@@ -124,8 +135,12 @@ def verified_body(bridge: Bridge, limit: int, where: str, what: str) -> tuple[by
         return cut_off()
     try:
         kid = bridge.postal_keys.verify(body, request.headers)
-    except SignatureError:
-        log.warning("%s: signature rejected", where)
+    except SignatureError as exc:
+        metrics.SIGNATURE_FAILURES.labels(endpoint=where, reason=metrics.signature_reason(str(exc))).inc()
+        log.warning(
+            "%s: signature rejected (%s): KID received %s, KIDs trusted %s",
+            where, exc, _claimed_kid(), ",".join(bridge.postal_keys.known_kids) or "none",
+        )  # fmt: skip
         return text_response("invalid signature", 401)
     except KeysUnavailable:
         log.error("%s: no Postal signing key available (check BRIDGE_POSTAL_PUBLIC_KEY/URL)", where)
@@ -139,20 +154,42 @@ def inbound() -> Response:
     settings = bridge.settings
     verified = verified_body(bridge, request_limit(settings.max_message_bytes), "postal inbound", "message")
     if isinstance(verified, Response):
+        metrics.DELIVERIES.labels(outcome=_REFUSED.get(verified.status_code, "refused")).inc()
         return verified
     body, kid = verified
     try:
         message = parse_inbound(body, request.content_type or "", settings.max_message_bytes)
     except MessageTooLarge as exc:
+        metrics.DELIVERIES.labels(outcome="too_large").inc()
+        log.warning("postal inbound: refused 413: %s (%d bytes received)", exc, len(body))
         return text_response(str(exc), 413)  # "message too large", "too many attachments", "too many form fields"
     except PayloadError as exc:
+        metrics.DELIVERIES.labels(outcome="malformed").inc()
+        log.warning("postal inbound: refused 400: malformed delivery: %s (signed by KID %s)", exc, kid)
         return text_response(f"malformed delivery: {exc}", 400)
     del body
     try:
         outcome = accept_postal_delivery(bridge, message, kid)
     except (DependencyUnavailable, StorageUnavailable) as exc:
-        log.error("postal inbound: %s", exc.__class__.__name__)
+        metrics.DELIVERIES.labels(outcome="unavailable").inc()
+        log.error("postal inbound: %s (postal id %s; Postal retries)", exc.__class__.__name__, message.postal_id)
         return text_response("storage unavailable, retry later", 503)
     if outcome.result == UNKNOWN_RECIPIENT:
+        metrics.DELIVERIES.labels(outcome="unknown_recipient").inc()
+        log.warning(
+            "postal inbound: refused %d: no mailbox for the recipient (postal id %s, recipient domain %s)",
+            settings.unknown_recipient_status, message.postal_id, domain_of(message.rcpt_to),
+        )  # fmt: skip
         return text_response("unknown recipient", settings.unknown_recipient_status)
+    metrics.DELIVERIES.labels(outcome=outcome.result).inc()
     return text_response(outcome.result, 200)
+
+
+#: The outcome label of an answer ``verified_body`` gave (nothing was parsed yet).
+_REFUSED = {400: "incomplete", 408: "incomplete", 401: "bad_signature", 413: "too_large", 503: "unavailable"}
+
+
+def domain_of(address: str) -> str:
+    """The domain part of an address, for logs (never the whole address: it is personal data)."""
+    domain = address.rpartition("@")[2].strip().lower()
+    return domain if domain and re.fullmatch(r"[a-z0-9.\-\[\]:]{1,253}", domain) else "<none>"
