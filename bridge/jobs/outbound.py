@@ -127,9 +127,12 @@ def route_message(owner: str, msg_id: str) -> dict[str, int]:
             waiting.extend(addresses)
             reasons.append(reason)
             continue
-        chosen = {MAILIO: (MAILIO, MAILIO_NOT_YET), SMTP: (SMTP, None)}.get(
-            kind, ("none", f"no mail service: {reason}")
-        )
+        if kind == MAILIO:
+            chosen: tuple[str, str | None] = (MAILIO, MAILIO_NOT_YET)  # never SMTP instead
+        elif kind == SMTP:
+            chosen = (SMTP, None)
+        else:
+            chosen = ("none", f"no mail service: {reason}")
         routes |= dict.fromkeys(addresses, chosen)
     if routes:
         record = bridge.outbound.set_routes(owner, msg_id, routes)
