@@ -10,7 +10,8 @@ export BRIDGE_DOMAIN ?= localhost
 export BRIDGE_DATA_DIR ?= $(CURDIR)/var
 
 APT_RUN := redis-server
-APT_TEST := redis-server knot knot-dnsutils ceph-mon ceph-osd radosgw nodejs npm wrk curl
+# prometheus: for promtool, which checks postal_config/monitoring (its own service is not used).
+APT_TEST := redis-server knot knot-dnsutils ceph-mon ceph-osd radosgw nodejs npm wrk curl prometheus
 
 .PHONY: run test bench lint format apt-run apt-test apt-install clean
 

@@ -7,7 +7,10 @@ the finer counters are checked in-process against the same real Redis, object st
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import create_app
@@ -197,3 +201,62 @@ def test_the_metrics_token_guards_the_scrape_and_nothing_else(tmp_path, redis_ur
 def test_without_a_token_the_scrape_is_open(client):
     scrape = client.get("/metrics")
     assert scrape.status_code == 200 and scrape.headers["Content-Type"].startswith("text/plain")
+
+
+MONITORING = ROOT / "postal_config" / "monitoring"
+_METRIC_NAME = re.compile(r"\b(bridge_[a-z0-9_]+|up)\b")
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((MONITORING / "dashboard.json").read_text())
+    assert dashboard["title"] and dashboard["uid"] and isinstance(dashboard["panels"], list)
+    queries = []
+    for panel in dashboard["panels"]:
+        assert {"id", "type", "title", "gridPos"} <= panel.keys(), panel
+        if panel["type"] != "row":
+            assert panel["targets"], panel["title"]
+            queries += [target["expr"] for target in panel["targets"]]
+    return queries
+
+
+def alert_rules() -> list[dict]:
+    document = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    rules = [rule for group in document["groups"] for rule in group["rules"]]
+    for rule in rules:
+        assert {"alert", "expr", "labels", "annotations"} <= rule.keys(), rule
+        assert rule["labels"]["severity"] in ("critical", "warning", "info") and rule["annotations"]["summary"]
+    return rules
+
+
+def test_the_alerts_and_the_dashboard_ask_only_for_metrics_the_bridge_exports(client):
+    text = client.get("/metrics").get_data(as_text=True)
+    exported = {"up"}
+    for family in text_string_to_metric_families(text):
+        exported |= {family.name + suffix for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+    rules = alert_rules()
+    assert {r["alert"] for r in rules} >= {
+        "MailioBridgeWorkerMissing",
+        "MailioBridgeBacklogOld",
+        "MailioBridge5xxRate",
+        "MailioBridgeSignatureFailures",
+        "MailioBridgeDNSTimeouts",
+    }
+    asked = {name for query in [r["expr"] for r in rules] + dashboard_queries() for name in _METRIC_NAME.findall(query)}
+    assert asked - exported == set()
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (make test installs prometheus)")
+def test_promtool_accepts_the_rules_and_they_fire_for_a_stalled_worker_and_an_old_backlog(tmp_path):
+    def promtool(*args: str, cwd: Path = MONITORING) -> None:
+        done = subprocess.run(["promtool", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    promtool("check", "rules", "alerts.yml")
+    promtool("test", "rules", "alerts.test.yml")  # WorkerMissing, BacklogOld, 5xx, signature failures fire
+    # The dashboard's queries are PromQL too: promtool parses them as recording rules.
+    queries = [q.replace("$__rate_interval", "5m") for q in dashboard_queries()]
+    rules = {
+        "groups": [{"name": "dashboard", "rules": [{"record": f"q:{i}", "expr": q} for i, q in enumerate(queries)]}]
+    }
+    (tmp_path / "dashboard-rules.yml").write_text(yaml.safe_dump(rules))
+    promtool("check", "rules", "dashboard-rules.yml", cwd=tmp_path)
