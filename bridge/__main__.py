@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import redis
+
 from bridge.commands import EX_TEMPFAIL, CommandError, admin, handshake, mail, mailbox, server
+from bridge.errors import DependencyUnavailable, RedisUnavailable
 from bridge.settings import SettingsError
+from bridge.store.objects import StorageUnavailable
 
 __all__ = ["EX_TEMPFAIL", "CommandError", "build_parser", "main"]
 
@@ -30,6 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"mailio-bridge: {exc}", file=sys.stderr)
         return 1
+    except (DependencyUnavailable, StorageUnavailable, redis.exceptions.RedisError) as exc:
+        what = (
+            "the object store"
+            if isinstance(exc, StorageUnavailable)
+            else "Redis"
+            if isinstance(exc, RedisUnavailable | redis.exceptions.RedisError)
+            else "a dependency"
+        )
+        print(f"mailio-bridge: {what} does not answer ({exc.__class__.__name__}); try again", file=sys.stderr)
+        return EX_TEMPFAIL
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""``mailbox add|list|alias|token``: the operator creates mailboxes and issues their API tokens (server side)."""
+"""``mailbox add|list|alias|token|tokens|revoke-token|remove``: the operator's side of mailboxes and their
+API tokens (server side, from the bridge's settings)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,26 @@ def register(verbs: Any) -> None:
     add.add_argument("--key-out", help="where to write generated private keys (default ./<address>.key.json)")
     add.set_defaults(func=cmd_mailbox_add)
     mailbox.add_parser("list", help="list mailboxes as JSON lines").set_defaults(func=cmd_mailbox_list)
-    alias = mailbox.add_parser("alias", help="deliver mail for ALIAS to EMAIL's mailbox")
+    alias = mailbox.add_parser("alias", help="deliver mail for ALIAS to EMAIL's mailbox (--remove: stop)")
     alias.add_argument("email")
     alias.add_argument("alias")
+    alias.add_argument("--remove", action="store_true", help="remove the alias instead")
     alias.set_defaults(func=cmd_mailbox_alias)
     token = mailbox.add_parser("token", help="issue an API bearer token (printed alone on the last line)")
     token.add_argument("email")
+    token.add_argument("--name", help="what the token is for, unique per mailbox (default token-<n>)")
     token.set_defaults(func=cmd_mailbox_token)
+    tokens = mailbox.add_parser("tokens", help="list EMAIL's API tokens (name, created, last used) as JSON lines")
+    tokens.add_argument("email")
+    tokens.set_defaults(func=cmd_mailbox_tokens)
+    revoke = mailbox.add_parser("revoke-token", help="revoke EMAIL's token NAME: it gets 401 from then on")
+    revoke.add_argument("email")
+    revoke.add_argument("name")
+    revoke.set_defaults(func=cmd_mailbox_revoke_token)
+    remove = mailbox.add_parser("remove", help="remove a mailbox (refused while it holds mail, unless --purge)")
+    remove.add_argument("email")
+    remove.add_argument("--purge", action="store_true", help="also delete its mail and everything else it owns")
+    remove.set_defaults(func=cmd_mailbox_remove)
 
 
 def _directory() -> Any:
@@ -80,20 +94,75 @@ def cmd_mailbox_list(args: argparse.Namespace) -> int:
 def cmd_mailbox_alias(args: argparse.Namespace) -> int:
     from bridge.store.mailboxes import MailboxError
 
+    directory = _directory()
     try:
-        mailbox = _directory().add_alias(args.email, args.alias)
+        mailbox = (
+            directory.remove_alias(args.email, args.alias)
+            if args.remove
+            else directory.add_alias(args.email, args.alias)
+        )
     except MailboxError as exc:
         raise CommandError(str(exc)) from None
     print(json.dumps({"email": mailbox.email, "address": mailbox.address, "aliases": list(mailbox.aliases)}))
     return 0
 
 
-def cmd_mailbox_token(args: argparse.Namespace) -> int:
-    directory = _directory()
-    mailbox = directory.resolve(args.email, cached=False)
+def _mailbox(directory: Any, email: str) -> Any:
+    mailbox = directory.resolve(email, cached=False)
     if mailbox is None:
         raise CommandError("no such mailbox")
-    token = directory.issue_token(mailbox)
-    print(f"API token for {mailbox.email} (shown once; store it safely):")
+    return mailbox
+
+
+def cmd_mailbox_token(args: argparse.Namespace) -> int:
+    from bridge.store.tokens import TokenError
+
+    directory = _directory()
+    mailbox = _mailbox(directory, args.email)
+    try:
+        token, name = directory.tokens.issue(mailbox.address, args.name)
+    except TokenError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"API token {name} for {mailbox.email} (shown once; store it safely):")
     print(token)
+    return 0
+
+
+def cmd_mailbox_tokens(args: argparse.Namespace) -> int:
+    directory = _directory()
+    for token in directory.tokens.listing(_mailbox(directory, args.email).address):
+        print(json.dumps({k: _iso(v) if k != "name" else v for k, v in token.items()}))
+    return 0
+
+
+def _iso(when: float | None) -> str | None:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds") if when else None
+
+
+def cmd_mailbox_revoke_token(args: argparse.Namespace) -> int:
+    from bridge.store.tokens import TokenError
+
+    directory = _directory()
+    mailbox = _mailbox(directory, args.email)
+    try:
+        directory.tokens.revoke(mailbox.address, args.name)
+    except TokenError as exc:
+        raise CommandError(str(exc)) from None
+    print(json.dumps({"email": mailbox.email, "revoked": args.name}))
+    return 0
+
+
+def cmd_mailbox_remove(args: argparse.Namespace) -> int:
+    from bridge.store.mailboxes import MailboxError
+    from bridge.store.removal import remove_mailbox
+
+    bridge = open_bridge()
+    mailbox = _mailbox(bridge.mailboxes, args.email)
+    try:
+        removed = remove_mailbox(bridge.objects, bridge.redis, bridge.mailboxes, mailbox, purge=args.purge)
+    except MailboxError as exc:
+        raise CommandError(str(exc)) from None
+    print(json.dumps(removed))
     return 0

@@ -2,7 +2,7 @@
 
 The object store is the system of record (``mailboxes/<address>.json``); lookups by e-mail go
 through ``addresses/<sha256 of the normalized e-mail>.json`` so that no e-mail address appears
-in a key, and tokens are stored only as SHA-256 hashes (``tokens/<sha256>.json``). A small
+in a key, and API tokens are stored only as SHA-256 hashes (``bridge.store.tokens``). A small
 in-process cache keeps the inbound hot path from reading the store on every request.
 
 This module never holds a private key: the owner keeps theirs.
@@ -14,7 +14,6 @@ import base64
 import hashlib
 import json
 import re
-import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 from bridge.mailio.identity import mailio_address
 from bridge.sealing import Recipient
 from bridge.store.objects import ObjectStore
+from bridge.store.tokens import ApiTokens
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s.][^@\s]*$")
 _CACHE_SECONDS = 30.0
@@ -88,6 +88,7 @@ class MailboxDirectory:
 
     def __init__(self, objects: ObjectStore) -> None:
         self._objects = objects
+        self.tokens = ApiTokens(objects)
         self._cache: dict[str, tuple[float, Mailbox | None]] = {}
         self._lock = threading.Lock()
 
@@ -158,22 +159,45 @@ class MailboxDirectory:
                 mailboxes.append(Mailbox.from_json(json.loads(data)))
         return sorted(mailboxes, key=lambda m: m.email)
 
-    # --- API tokens -----------------------------------------------------------------------
+    # --- API tokens (bridge.store.tokens) -------------------------------------------------------
 
-    def issue_token(self, mailbox: Mailbox) -> str:
+    def issue_token(self, mailbox: Mailbox, name: str | None = None) -> str:
         """A new bearer token for the owner's API; only its hash is stored."""
-        # A fixed prefix makes tokens recognisable (secret scanners) and never starts with "-",
-        # which a command line would take for an option.
-        token = "mbx_" + secrets.token_urlsafe(32)
-        record = {"address": mailbox.address, "created": time.time()}
-        self._objects.put(f"tokens/{_digest(token)}.json", _dump(record))
-        return token
+        return self.tokens.issue(mailbox.address, name)[0]
 
     def authenticate(self, token: str) -> Mailbox | None:
-        if not token or len(token) > 200:
-            return None
-        data = self._objects.get(f"tokens/{_digest(token)}.json")
-        return self.get(json.loads(data)["address"]) if data else None
+        """The mailbox a bearer token opens: None for an unknown or revoked token, or a removed mailbox."""
+        address = self.tokens.authenticate(token)
+        return self.get(address) if address else None
+
+    # --- removal --------------------------------------------------------------------------
+
+    def remove_alias(self, email: str, alias: str) -> Mailbox:
+        """Stop delivering ``alias`` to the mailbox; the address is free again afterwards."""
+        mailbox = self.resolve(email, cached=False)
+        if mailbox is None:
+            raise MailboxError("no such mailbox")
+        normalized = normalize_email(alias)
+        if normalized not in mailbox.aliases:
+            raise MailboxError(f"{normalized} is not an alias of {mailbox.email}")
+        updated = Mailbox(**{**mailbox.to_json(), "aliases": tuple(a for a in mailbox.aliases if a != normalized)})
+        self._objects.put(self._mailbox_key(mailbox.address), _dump(updated.to_json()))
+        self._objects.delete(self._address_key(normalized))  # after: a crash leaves it taken, never half-owned
+        self._forget(normalized)
+        return updated
+
+    def remove(self, mailbox: Mailbox) -> None:
+        """Forget the mailbox itself: its tokens, its addresses, then its record (the owner's mail is
+        ``bridge.store.removal``'s business). Each step can be run again after an interruption."""
+        self.tokens.revoke_all(mailbox.address)
+        for email in (*mailbox.aliases, mailbox.email):
+            self._objects.delete(self._address_key(email))
+            self._forget(email)
+        self._objects.delete(self._mailbox_key(mailbox.address))
+
+    def _forget(self, normalized: str) -> None:
+        with self._lock:
+            self._cache.pop(normalized, None)
 
     # --- keys -----------------------------------------------------------------------------
 
