@@ -28,6 +28,7 @@ from bridge.context import Bridge
 from bridge.dns import UnreachableZones, make_resolver
 from bridge.mailio.discovery import (
     CACHE_PREFIX,
+    LOCAL_SECONDS,
     Discovery,
     InvalidDomain,
     mail_exchangers,
@@ -73,7 +74,8 @@ def relay(knot_dns: Any, redis_url: str) -> Iterator[RelayResolver]:
 def relayed_discovery(relay: RelayResolver, redis_url: str) -> Discovery:
     resolver = make_resolver([relay.nameserver], timeout=1.0)
     resolver.unreachable = UnreachableZones(redis.Redis.from_url(redis_url))
-    return Discovery(resolver, redis.Redis.from_url(redis_url))
+    # These tests expire Redis entries by hand: no copy in this process's memory in front of Redis.
+    return Discovery(resolver, redis.Redis.from_url(redis_url), local_seconds=0)
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -277,7 +279,24 @@ def test_a_changed_record_is_served_from_the_cache_until_a_fresh_lookup(
     # A signature failed against the old key: look once more, past Redis and the resolver's own cache.
     rotated = web.discovery.discover(domain, fresh=True)
     assert (rotated.key, rotated.cached) == (new, False)
+    assert (web.discovery.discover(domain).key, web.discovery.discover(domain).cached) == (new, True)
+    # The other process holds what it read in memory for at most LOCAL_SECONDS, then reads Redis again.
+    assert worker.discovery.discover(domain).key == old
+    time.sleep(LOCAL_SECONDS + 0.05)
     assert (worker.discovery.discover(domain).key, worker.discovery.discover(domain).cached) == (new, True)
+
+
+def test_each_process_answers_from_memory_for_at_most_a_second(bridge: Bridge, knot_dns: Any, redis_url: str) -> None:
+    domain, key = fresh_domain(), new_key()
+    knot_dns.set_txt(f"mailio._mailiokey.{domain}", record(key))
+    bridge.discovery.discover(domain)
+    connection = redis.Redis.from_url(redis_url)
+    connection.delete(CACHE_PREFIX + domain)  # nobody asks Redis within the second...
+    assert (bridge.discovery.discover(domain).key, bridge.discovery.discover(domain).cached) == (key, True)
+    assert not connection.exists(CACHE_PREFIX + domain)
+    time.sleep(LOCAL_SECONDS + 0.05)  # ... then the process asks again: Redis has nothing, so DNS, and shares it
+    route = bridge.discovery.discover(domain)
+    assert (route.key, route.cached) == (key, False) and connection.exists(CACHE_PREFIX + domain)
 
 
 def test_none_is_cached_no_longer_than_the_negative_ttl(
@@ -336,6 +355,7 @@ def test_the_cache_holds_json_without_anything_secret(bridge: Bridge, knot_dns: 
     knot_dns.set_txt(f"mailio._mailiokey.mio.{domain}", record(key))
     bridge.discovery.discover(domain)
     stored = json.loads(redis.Redis.from_url(redis_url).get(CACHE_PREFIX + domain) or b"")
+    assert 0 < stored.pop("expires") - time.time() <= 3600  # when the entry expires (for each process's memory)
     assert stored == _mio_route(domain, key)
 
 

@@ -20,9 +20,15 @@ Records are read by tag name in any order, and also positionally as the referenc
 Answers are cached in Redis (``bridge:discovery:<A-label domain>``, JSON, nothing secret) so that every
 process shares them, for no longer than the DNS answers that decided them allow and than the settings'
 ceilings (``max_ttl`` for ``mailio``/``smtp``, ``negative_ttl`` for ``none``). Temporary failures are never
-cached. ``discover(domain, fresh=True)`` skips both caches (Redis and the resolver's) once: the caller saw a
-signature fail against the cached key, and the domain may have rotated it. Redis trouble costs only the
-cache: the answer then comes from DNS.
+cached. ``discover(domain, fresh=True)`` skips every cache (this process's, Redis and the resolver's) once:
+the caller saw a signature fail against the cached key, and the domain may have rotated it. Redis trouble
+costs only the cache: the answer then comes from DNS.
+
+In front of Redis each process keeps what it read for at most ``local_seconds`` (default LOCAL_SECONDS,
+and never past the Redis entry's own expiry), so that a message with many recipients at one domain, or a
+busy worker, does not pay a Redis round trip per lookup. The price: another process's forced refresh
+reaches this one within ``local_seconds`` (at once if this one forces its own, as a caller does after a
+signature failure).
 
 Protocol code: no Flask, no request context, no logging of keys (only public keys exist here anyway).
 """
@@ -35,6 +41,7 @@ import copy
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -67,6 +74,9 @@ DEFAULT_CANDIDATES: tuple[str, ...] = ("", "mio", "mailio", "didcomm")
 #: Seconds of DNS one discovery may take in all (five lookups; a dead zone is remembered after the first).
 DNS_SECONDS = 5.0
 KEY_LENGTH = 32
+#: Seconds a process answers from its own memory before asking Redis again; entries kept at most.
+LOCAL_SECONDS = 1.0
+LOCAL_ENTRIES = 4096
 
 MAILIO, SMTP, NONE, TEMPORARY = "mailio", "smtp", "none", "temporary"
 
@@ -205,6 +215,7 @@ class Discovery:
         max_ttl: float = 3600.0,
         negative_ttl: float = 300.0,
         dns_seconds: float = DNS_SECONDS,
+        local_seconds: float = LOCAL_SECONDS,
     ) -> None:
         # A copy asking for the AD flag (RFC 6840 5.7: a validating resolver sets it only when asked);
         # it shares the original's answer cache and memory of unreachable zones, and leaves its flags alone.
@@ -215,6 +226,8 @@ class Discovery:
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
         self.dns_seconds = dns_seconds
+        self.local_seconds = local_seconds
+        self._local: dict[str, tuple[float, Route]] = {}  # name -> (until, route); GIL-atomic operations
 
     def discover(self, domain: str, *, fresh: bool = False) -> Route:
         """The route for ``domain`` (an e-mail address's domain part, Unicode or A-labels).
@@ -222,14 +235,29 @@ class Discovery:
         ``fresh``: ask DNS even if an answer is cached (after a signature failed against the cached key).
         Raises :class:`InvalidDomain` only; DNS trouble is a ``temporary`` route.
         """
+        if not fresh:
+            local = self._local.get(domain)
+            if local is not None and local[0] > time.time():
+                return local[1]
         name = normalize_domain(domain)
         if not fresh:
             cached = self._cached(name)
             if cached is not None:
-                return cached
+                return self._keep_local(domain, cached[1], cached[0])
         route = self.lookup(name, fresh=fresh)
         if int(route.ttl * 1000) > 0 and not route.temporary:  # a TTL of 0 means: do not keep it
             self._remember(route)
+            self._keep_local(domain, replace(route, cached=True, ttl=0.0), time.time() + route.ttl)
+        else:
+            self._local.pop(domain, None)
+        return route
+
+    def _keep_local(self, domain: str, route: Route, expires: float | None) -> Route:
+        """Keep ``route`` (as a cached answer) for ``domain`` as given, until LOCAL_SECONDS or ``expires``."""
+        until = time.time() + self.local_seconds
+        if len(self._local) >= LOCAL_ENTRIES:
+            self._local.clear()  # a crude bound; the entries are seconds old anyway
+        self._local[domain] = (until if expires is None else min(until, expires), route)
         return route
 
     def lookup(self, domain: str, *, fresh: bool = False) -> Route:
@@ -307,7 +335,8 @@ class Discovery:
 
     # --- the shared cache ----------------------------------------------------------------------
 
-    def _cached(self, name: str) -> Route | None:
+    def _cached(self, name: str) -> tuple[float | None, Route] | None:
+        """(when the entry expires, if it says, and the route) from Redis."""
         if self._redis is None:
             return None
         try:
@@ -319,7 +348,7 @@ class Discovery:
             return None
         try:
             data = json.loads(raw)
-            return Route(
+            return data.get("expires"), Route(
                 data["route"],
                 name,
                 data["reason"],
@@ -335,7 +364,8 @@ class Discovery:
     def _remember(self, route: Route) -> None:
         if self._redis is None:
             return
-        data = json.dumps(replace(route, cached=False).to_json(), separators=(",", ":"))
+        document = replace(route, cached=False).to_json() | {"expires": time.time() + route.ttl}
+        data = json.dumps(document, separators=(",", ":"))
         try:
             self._redis.set(CACHE_PREFIX + route.domain, data, px=int(route.ttl * 1000))
         except (RedisError, OSError):
