@@ -398,7 +398,7 @@ def _accepted(data: dict[str, Any], recipients: list[str]) -> Accepted | Uncerta
 def _log_send(result: SendResult, count: int) -> None:
     # Counts and codes only: recipients are personal data, and reasons are Postal's words.
     if isinstance(result, Accepted):
-        log.info("postal send/raw: accepted for %d recipient(s), message_id %s", count, result.message_id)
+        log.info("postal send/raw: accepted for %d recipient(s)", count)  # no Message-ID: it reads as an address
     elif isinstance(result, Permanent):
         log.warning("postal send/raw: refused for %d recipient(s): %s (permanent)", count, result.code)
     elif isinstance(result, Temporary):
