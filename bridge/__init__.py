@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     bridge = Bridge(settings)
     _ = bridge.redis_url  # fail at start-up, not on the first request, when Redis is not configured
     _ = bridge.peers  # built now, so that BRIDGE_ALLOW_INSECURE_PEERS is announced at start
-    from bridge.web import api, events, openapi, ops, postal, send
+    from bridge.web import api, events, openapi, ops, postal, recipients, send
     from bridge.web.deadlines import deadlines
     from bridge.web.postal import request_limit
 
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(events.blueprint)
     app.register_blueprint(api.blueprint)
     app.register_blueprint(send.blueprint)
+    app.register_blueprint(recipients.blueprint)
     app.register_blueprint(openapi.blueprint)
     app.register_blueprint(ops.blueprint)
     ops.mount_dashboard(app, bridge)

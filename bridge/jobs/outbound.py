@@ -67,6 +67,7 @@ CONTACTS_JOB = "bridge.jobs.outbound.record_contacts"
 ROUTE_TIMEOUT = 900  # discovery is bounded per domain (5 s); a message may name many domains
 DELIVER_TIMEOUT = 1800  # 20 calls of 50 recipients, each bounded by twice BRIDGE_POSTAL_TIMEOUT
 MAILIO_NOT_YET = "Mailio delivery not available yet"
+MAILIO_HANDED = "handed to the Mailio leg"
 NEEDS_SPOOL = (None, SMTP, MAILIO)  # routes whose queued recipients still need the plaintext
 
 
@@ -103,6 +104,8 @@ def _domain(address: str) -> str:
 
 def route_message(owner: str, msg_id: str) -> dict[str, int]:
     """Route every unrouted ``queued`` recipient; returns how many went each way (for logs and tests)."""
+    from bridge.jobs.peer_outbound import enqueue_mailio, mailio_ready  # it imports this module
+
     bridge = context.current()
     record = bridge.outbound.get(owner, msg_id)
     if record is None:
@@ -127,8 +130,8 @@ def route_message(owner: str, msg_id: str) -> dict[str, int]:
             waiting.extend(addresses)
             reasons.append(reason)
             continue
-        if kind == MAILIO:
-            chosen: tuple[str, str | None] = (MAILIO, MAILIO_NOT_YET)  # never SMTP instead
+        if kind == MAILIO:  # never SMTP instead; held when this bridge has no server key to sign with
+            chosen: tuple[str, str | None] = (MAILIO, MAILIO_HANDED if mailio_ready(bridge) else MAILIO_NOT_YET)
         elif kind == SMTP:
             chosen = (SMTP, None)
         else:
@@ -138,6 +141,8 @@ def route_message(owner: str, msg_id: str) -> dict[str, int]:
         record = bridge.outbound.set_routes(owner, msg_id, routes)
     if any(e["route"] == SMTP and e["state"] == QUEUED for e in record["recipients"]):
         enqueue_delivery(bridge, owner, msg_id)
+    if mailio_ready(bridge) and any(e["route"] == MAILIO and e["state"] == QUEUED for e in record["recipients"]):
+        enqueue_mailio(bridge, owner, msg_id)  # the Mailio leg: bridge.jobs.peer_outbound
     enqueue_contacts(bridge, owner, msg_id)  # after the delivery job: the worker takes that one first
     if waiting:
         if not _last_try():

@@ -53,6 +53,7 @@ from bridge.store.messages import STATUS_FILED, is_message_id, message_id
 from bridge.store.outbound import QUEUED
 from bridge.web.api import _json_body, _unreadable_body, error, owner_only
 from bridge.web.postal import BodyIncomplete, BodyTooLarge, cut_off, read_body, request_limit
+from bridge.web.recipients import sealed_submission, store_client_sealed
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("send", __name__, url_prefix="/api/v1")
@@ -78,6 +79,9 @@ def send_message(bridge: Bridge, mailbox: Mailbox) -> Response:
     del body
     if not isinstance(document, dict):
         return error('the body must be a JSON object: {"raw": ...} or {"to": [...], "subject": ..., ...}', 400)
+    sealed, refused = sealed_submission(document, mailbox, settings.domain)  # sealed by the owner's client
+    if refused:
+        return error(refused, 400)
     msg_id = message_id(f"sent:{mailbox.address}:{secrets.token_hex(16)}")
     try:
         outgoing = _compose(document, mailbox, f"{msg_id}@{settings.domain}", settings.max_message_bytes)
@@ -93,7 +97,10 @@ def send_message(bridge: Bridge, mailbox: Mailbox) -> Response:
         return error("message too large", 413)
     if not _take_quota(bridge, mailbox.address, len(outgoing.recipients)):
         return error("send limit reached for this hour", 429)
-    _store(bridge, mailbox, msg_id, outgoing)
+    if sealed is not None:
+        store_client_sealed(bridge, mailbox, msg_id, outgoing, sealed)  # bridge.web.recipients
+    else:
+        _store(bridge, mailbox, msg_id, outgoing)
     enqueue_route(bridge, mailbox.address, msg_id)
     log.info("send: %s queued for %d recipient(s)", msg_id, len(outgoing.recipients))
     response = jsonify({"id": msg_id})

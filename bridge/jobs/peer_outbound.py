@@ -1,0 +1,181 @@
+"""The Mailio leg of sending: hand a message's ``mailio`` recipients to their Mailio servers.
+
+``deliver_mailio(owner, msg_id)`` (queued by the routing job once a server key exists) takes every
+recipient routed ``mailio`` and still ``queued``, resolves their keys through their servers
+(``bridge.mailio.peer_send``), and posts one signed envelope per Mailio host:
+
+* a verified receipt -> ``accepted`` (the peer's signed delivery message later moves it to
+  ``delivered``/``failed``: ``bridge.web.mtp`` applies those);
+* no such user, a refused address (SSRF guard), a peer that refuses the message -> ``failed``;
+* a peer or DNS that does not answer, a receipt that does not verify -> retried after the next of
+  BRIDGE_OUTBOUND_RETRY_DELAYS, then ``failed``. Resending is safe: the envelope keeps the message's id,
+  on which the peer dedupes, so a retry never files twice there.
+
+The body: what the owner's client sealed (``sealed_by: client`` on the sent record: sent as it is,
+trimmed to each host's recipients), else the spool's plaintext sealed here to the recipients' keys;
+every recipient's reason says which. One job per message at a time (a Redis lock). Arguments are ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from bridge import context
+from bridge.context import Bridge
+from bridge.inbound import enqueue
+from bridge.jobs.outbound import RetryLater, _drop_spool_when_done, _last_try
+from bridge.mailio.discovery import MAILIO
+from bridge.mailio.identity import did_web
+from bridge.mailio.peer_send import NotSent, PeerSender, Resolution, Sent, for_host, seal_for_peers
+from bridge.mailio.server_key import ServerKeyError, load_server_key
+from bridge.sealing import Recipient
+from bridge.store.index import PREFIX, REDIS_ERRORS
+from bridge.store.outbound import ACCEPTED, FAILED, QUEUED
+
+log = logging.getLogger(__name__)
+
+MAILIO_JOB = "bridge.jobs.peer_outbound.deliver_mailio"
+MAILIO_TIMEOUT = 900  # per host: discovery, a DID lookup and a post, each bounded by BRIDGE_PEER_TIMEOUT
+SEALED_BY_CLIENT = "client"
+
+
+def mailio_ready(bridge: Bridge) -> bool:
+    """Whether this bridge can sign envelopes (its server key exists): the routing job then hands over."""
+    return bridge.settings.server_key_path.exists()
+
+
+def enqueue_mailio(bridge: Bridge, owner: str, msg_id: str) -> str:
+    delays = bridge.settings.outbound_retry_delays
+    return enqueue(bridge, MAILIO_JOB, owner, msg_id, job_timeout=MAILIO_TIMEOUT, retry_intervals=delays)
+
+
+def sender(bridge: Bridge) -> PeerSender:
+    """The bridge's peer sender; ``ServerKeyError`` without a server key."""
+    key = load_server_key(bridge.settings.server_key_path)
+    return PeerSender(bridge.peers, bridge.discovery, key, bridge.settings.domain)
+
+
+def deliver_mailio(owner: str, msg_id: str) -> dict[str, int]:
+    """Send the message to its queued Mailio recipients; returns outcome counts (for logs and tests)."""
+    bridge = context.current()
+    with _lock(bridge, owner, msg_id) as held:
+        if not held:
+            raise RetryLater("another Mailio delivery job of this message is running")
+        counts = _deliver(bridge, owner, msg_id)
+    log.info("mailio: %s %s", msg_id, counts)
+    return counts
+
+
+def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
+    outbound = bridge.outbound
+    record = outbound.get(owner, msg_id)
+    todo = [e["address"] for e in (record or {}).get("recipients", []) if e["route"] == MAILIO and e["state"] == QUEUED]
+    if record is None or not todo:
+        return {}
+    try:
+        peer = sender(bridge)
+    except ServerKeyError as exc:
+        return _not_sent(bridge, owner, msg_id, todo, f"no server key: {exc}")
+    sent_record = bridge.messages.get_record(owner, msg_id) or {}
+    body = _body(bridge, owner, msg_id, sent_record)
+    if body is None:
+        for address in todo:
+            outbound.set_state(owner, msg_id, address, FAILED, "the copy to send is no longer kept: send it again")
+        return {"failed": len(todo)}
+    hashes = bridge.sender_hashes.lookup_hashes(todo)
+    resolved = peer.resolve(owner, {a: hashes[a.lower()] for a in todo})
+    counts: dict[str, int] = defaultdict(int)
+    left: dict[str, str] = {}
+    by_host: dict[str, list[Resolution]] = defaultdict(list)
+    for address in todo:
+        found = resolved[address]
+        if found.temporary:
+            left[address] = found.reason
+        elif not found.sealable:
+            outbound.set_state(owner, msg_id, address, FAILED, found.reason)
+            counts["failed"] += 1
+        else:
+            by_host[str(found.host)].append(found)
+    from_did = did_web(bridge.settings.domain, owner)
+    for host, group in by_host.items():
+        outcome, how, covered = _send_to_host(peer, host, msg_id, from_did, body, group)
+        for item in group:
+            if isinstance(outcome, Sent) and item.kid in covered:
+                outbound.set_state(owner, msg_id, item.address, ACCEPTED, f"taken by {host} (signed receipt); {how}")
+                counts["accepted"] += 1
+            elif isinstance(outcome, Sent):
+                reason = "the body sealed by the client has no key for this recipient: send it again"
+                outbound.set_state(owner, msg_id, item.address, FAILED, reason)
+                counts["failed"] += 1
+            elif outcome.temporary:
+                left[item.address] = outcome.reason
+            else:
+                outbound.set_state(owner, msg_id, item.address, FAILED, f"{outcome.reason}; {how}")
+                counts["failed"] += 1
+    if left:
+        counts |= _not_sent(bridge, owner, msg_id, list(left), "; ".join(dict.fromkeys(left.values())))
+    _drop_spool_when_done(bridge, owner, msg_id)
+    return dict(counts)
+
+
+def _body(bridge: Bridge, owner: str, msg_id: str, sent_record: dict[str, Any]) -> bytes | dict[str, Any] | None:
+    """The client's sealed JWE (a dict) or the spool's plaintext (bytes); None when neither is kept."""
+    if sent_record.get("sealed_by") == SEALED_BY_CLIENT:
+        stored = bridge.messages.get_body(owner, msg_id)
+        return json.loads(stored) if stored else None
+    spooled = bridge.spool.get(owner, msg_id)
+    return spooled[1] if spooled else None
+
+
+def _send_to_host(
+    peer: PeerSender, host: str, msg_id: str, from_did: str, body: bytes | dict[str, Any], group: list[Resolution]
+) -> tuple[Sent | NotSent, str, list[str]]:
+    """One envelope to one host: the outcome, how the body was sealed, and the kids it is sealed to."""
+    if isinstance(body, dict):
+        sealed, kids = for_host(body, host)
+        how = "sealed by the owner's client"
+        if not kids:
+            return NotSent("the body sealed by the client has no key for this host's recipients", False), how, kids
+    else:
+        kids = [str(item.kid) for item in group]
+        aad = json.dumps({"from": from_did}, separators=(",", ":")).encode()
+        sealed = seal_for_peers(body, [Recipient(str(item.kid), item.x25519 or b"") for item in group], aad)
+        how = "sealed by the server"
+    return peer.deliver(host, msg_id, from_did, sealed, kids), how, kids
+
+
+def _not_sent(bridge: Bridge, owner: str, msg_id: str, addresses: list[str], reason: str) -> dict[str, int]:
+    """Not sent for a reason that may pass: retry later, or after the last delay fail with ``reason``."""
+    if not _last_try():
+        for address in addresses:
+            bridge.outbound.set_route(owner, msg_id, address, MAILIO, reason=f"will retry: {reason}"[:300])
+        raise RetryLater(reason)
+    for address in addresses:
+        bridge.outbound.set_state(owner, msg_id, address, FAILED, f"gave up after retries: {reason}"[:300])
+    return {"failed": len(addresses)}
+
+
+@contextmanager
+def _lock(bridge: Bridge, owner: str, msg_id: str) -> Iterator[bool]:
+    key, token = f"{PREFIX}outbound:mailio:{owner}/{msg_id}", secrets.token_hex(8)
+    try:
+        held = bool(bridge.redis.set(key, token, nx=True, ex=MAILIO_TIMEOUT + 60))
+    except REDIS_ERRORS as exc:
+        raise RetryLater("redis unavailable") from exc
+    try:
+        yield held
+    finally:
+        if held:
+            try:
+                bridge.redis.eval(_RELEASE, 1, key, token)
+            except REDIS_ERRORS:
+                log.warning("mailio: could not release the lock of %s (it expires)", msg_id)
+
+
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
