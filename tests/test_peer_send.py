@@ -457,3 +457,41 @@ def test_a_malformed_client_sealed_body_is_400(
         "/api/v1/messages", json={"to": ["bob@a.test"], "sealed": sealed, "subject": "x"}, headers=owner.auth
     )
     assert answer.status_code == 400 and "to, cc, bcc and from only" in answer.get_json()["error"]
+
+
+# --- the CLI seals on the owner's machine ---------------------------------------------------------------------
+
+
+def test_mail_send_with_key_seals_on_the_client_and_refuses_smtp_recipients(
+    live_url: str,
+    bridge: Bridge,
+    owner: Owner,
+    peer: FakePeer,
+    server_key: Ed25519PrivateKey,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    knot_dns: KnotDNS,
+) -> None:
+    from bridge.__main__ import main
+
+    bob = f"bob@{peer.domain}"
+    bob_keys = peer.add_user(bob, _hash(bridge, bob))
+    key_path = tmp_path / "owner.json"
+    key_path.write_text(json.dumps(owner.keys.to_key_file(owner.mailbox.email)))
+    base = ["mail", "send", "--url", live_url, "--token", owner.token, "--key", str(key_path), "--subject", "E2E"]
+    assert main([*base, "--to", bob, "--text", "never seen by the server"]) == 0
+    msg_id = json.loads(capsys.readouterr().out)["id"]
+    assert not bridge.spool.exists(owner.mailbox.address, msg_id)
+    record = bridge.messages.get_record(owner.mailbox.address, msg_id)
+    assert record is not None and record["sealed_by"] == "client"
+    run_worker(bridge)
+    assert _entry(bridge, owner, msg_id, bob)["state"] == ACCEPTED
+    assert b"never seen by the server" in _opened(peer.received[0], bob_keys, bob)
+    own_copy = json.loads(bridge.messages.get_body(owner.mailbox.address, msg_id) or b"{}")
+    assert b"never seen by the server" in open_sealed(own_copy, owner.private_jwk)  # the owner opens the sent copy
+
+    smtp_domain = f"s{secrets.token_hex(4)}.example.test"
+    knot_dns.set(smtp_domain, "MX", "10 mx.example.test.")
+    assert main([*base, "--to", bob, "--to", f"carol@{smtp_domain}", "--text", "x"]) == 1
+    assert f"carol@{smtp_domain} cannot get mail sealed on this machine (smtp" in capsys.readouterr().err
+    assert len(peer.received) == 1  # nothing submitted

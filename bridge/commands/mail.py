@@ -37,6 +37,7 @@ def register(verbs: Any) -> None:
     sending.add_argument("--attach", action="append", default=[], help="a file to attach (repeatable)")
     sending.add_argument("--in-reply-to", help="the Message-ID this answers")
     sending.add_argument("--raw", help="send this RFC 5322 file as it is (recipients from its To/Cc/Bcc)")
+    sending.add_argument("--key", help="your key file: seal here, to Mailio recipients' keys and yours (end to end)")
     status = client_parser(mail, "status", "each recipient's delivery state of a sent message", cmd_mail_status)
     status.add_argument("id")
     resend = client_parser(
@@ -63,6 +64,10 @@ def cmd_mail_send(args: argparse.Namespace) -> int:
     import base64
     import mimetypes
 
+    if args.key:
+        from bridge.commands.sealed_send import cmd_mail_send_sealed
+
+        return cmd_mail_send_sealed(args)
     try:
         if args.raw:
             document: dict[str, Any] = {"raw": base64.b64encode(Path(args.raw).read_bytes()).decode()}

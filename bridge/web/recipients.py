@@ -11,7 +11,7 @@ never sees that plaintext (:func:`store_client_sealed`).
 ====  ==============================================================================================
 code  when
 ====  ==============================================================================================
-200   ``{"recipients": [{"address", "route", "reason", "host", "kid", "did_document"}, ...]}``
+200   ``{"recipients": [{"address", "route", "reason", "host", "kid", "did_document"}, ...], "owner": {"kid"}}``
 400   not ``{"addresses": [text, ...]}``, more than MAX_ADDRESSES, an address that is neither an e-mail
       address nor a did:web
 401   no or unknown bearer token
@@ -66,7 +66,8 @@ def resolve_recipients(bridge: Bridge, mailbox: Mailbox) -> Response:
     hashes = bridge.sender_hashes.lookup_hashes(emails)
     found = peer.resolve(mailbox.address, {a: hashes[a.lower()] for a in emails}) if emails else {}
     answers = [found[a] if a in found else peer.resolve_did_web(a) for a in wanted]
-    return jsonify({"recipients": [answer.to_json() for answer in answers]})
+    owner = {"kid": did_web(bridge.settings.domain, mailbox.address)}  # the client seals to itself too
+    return jsonify({"recipients": [answer.to_json() for answer in answers], "owner": owner})
 
 
 def sealed_submission(document: dict[str, Any], mailbox: Mailbox, domain: str) -> tuple[dict[str, Any] | None, str]:
