@@ -196,22 +196,14 @@ def _say(message: str) -> None:
 
 
 def _print_postal_instructions(settings: Settings, host: str, port: str) -> None:
-    keys = "configured" if settings.postal_public_keys or settings.postal_url else "NOT configured yet"
+    """The banner: where this machine serves, then ``postal-setup``'s text (one source, no contradictions)."""
+    from bridge.context import Bridge
+    from bridge.postal_setup import gather, render
+
+    text = render(gather(settings, Bridge(settings).postal_keys.describe))
     print(
-        f"""
-Mailio bridge running at http://{host}:{port}  (Ctrl-C stops it)
-
-In Postal (Routing -> HTTP Endpoints -> Add):
-  URL:       {settings.public_base_url}/postal/inbound   (BRIDGE_PUBLIC_URL: your TLS proxy in front of http://{host}:{port})
-  Encoding:  BodyAsJSON          Format: RawMessage (Hash works too, but is lossy)
-  Then add a route (*@{settings.domain} or name@...) with that endpoint.
-
-Postal's signing key is {keys}. Until it is, deliveries get 503 and Postal keeps retrying.
-  Set BRIDGE_POSTAL_URL=https://<postal web host> (uses Postal's /.well-known/jwks.json), or
-  on the Postal host run `postal default-dkim-record` and set BRIDGE_POSTAL_PUBLIC_KEY='<the p= value>'.
-
-Mailboxes: python -m bridge mailbox add you@{settings.domain}
-Mailio peers: python -m bridge keys init, then publish what python -m bridge dns-records prints.
-""",
+        f"\nMailio bridge running at http://{host}:{port}  (Ctrl-C stops it)\n"
+        f"Postal and peers reach it through BRIDGE_PUBLIC_URL (your TLS proxy in front of http://{host}:{port}).\n"
+        f"This text again: `.venv/bin/mailio-bridge postal-setup`.\n\n{text}",
         flush=True,
     )

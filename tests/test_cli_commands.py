@@ -23,6 +23,7 @@ from tests.servers import free_port
 from tests.test_cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
+PUBLIC_URL = "https://bridge.example.net"
 
 
 def deliver(client: Any, signer: PostalSigner, postal_id: int, rcpt: str) -> Any:
@@ -198,6 +199,7 @@ class RunSession:
 
     url: str
     data_dir: str
+    env: dict[str, str]
     printed: str = ""
     filed: list[dict[str, Any]] = field(default_factory=list)
     children: set[int] = field(default_factory=set)
@@ -212,9 +214,9 @@ def _start_and_interrupt(tmp: Path, signer: PostalSigner) -> RunSession:
     # DNS goes nowhere (nothing listens there): this delivery needs no verdict, only filing.
     env = bridge_environment(tmp, "redis://unused", signer, nameserver=f"127.0.0.1:{free_port()}")
     env.pop("BRIDGE_REDIS_URL")  # so it starts its private redis-server, as `make run` does
-    env |= {"BRIDGE_LISTEN": f"127.0.0.1:{port}", "BRIDGE_WEB_WORKERS": "2"}
+    env |= {"BRIDGE_LISTEN": f"127.0.0.1:{port}", "BRIDGE_WEB_WORKERS": "2", "BRIDGE_PUBLIC_URL": PUBLIC_URL}
     full_env = {**{k: v for k, v in os.environ.items() if k != "BRIDGE_REDIS_URL"}, **env, "PYTHONPATH": str(ROOT)}
-    session = RunSession(url=f"http://127.0.0.1:{port}", data_dir=env["BRIDGE_DATA_DIR"])
+    session = RunSession(url=f"http://127.0.0.1:{port}", data_dir=env["BRIDGE_DATA_DIR"], env=env)
     with (tmp / "run.out").open("wb") as out, (tmp / "run.err").open("wb") as err:
         # Its own process group, like a shell's foreground job: Ctrl-C is SIGINT to that whole group.
         proc = subprocess.Popen(
@@ -285,6 +287,7 @@ def _start_and_interrupt(tmp: Path, signer: PostalSigner) -> RunSession:
                 if alive(pid):
                     os.kill(pid, signal.SIGKILL)
     session.stderr = (tmp / "run.err").read_text()
+    session.printed = (tmp / "run.out").read_text()
     return session
 
 
@@ -292,6 +295,15 @@ def _start_and_interrupt(tmp: Path, signer: PostalSigner) -> RunSession:
 def run_session(tmp_path_factory: pytest.TempPathFactory, postal_signer: PostalSigner) -> RunSession:
     """One `run`, started, used and interrupted once for the tests below (it takes ~15 s)."""
     return _start_and_interrupt(tmp_path_factory.mktemp("run"), postal_signer)
+
+
+def test_the_banner_says_what_postal_setup_says(run_session: RunSession) -> None:
+    """One text for both: the endpoint and webhook URLs from BRIDGE_PUBLIC_URL, never from the mail domain."""
+    setup = cli(run_session.env, "postal-setup")
+    assert setup.returncode == 0, setup.stderr
+    assert setup.stdout in run_session.printed
+    assert f"{PUBLIC_URL}/postal/inbound" in setup.stdout and f"{PUBLIC_URL}/postal/events" in setup.stdout
+    assert f"https://{DOMAIN}/postal" not in run_session.printed
 
 
 def test_run_serves_and_files_mail(run_session: RunSession) -> None:

@@ -37,7 +37,7 @@ def test_the_script_has_the_same_verbs_and_works_from_any_directory(
     with pytest.raises(SystemExit):
         main(["--help"])
     assert installed.returncode == 0 and installed.stdout == capsys.readouterr().out
-    assert "{mailbox,mail,handshake," in installed.stdout
+    assert "{mailbox,mail,handshake," in installed.stdout and "postal-setup" in installed.stdout
     listed = script(environment, "mailbox", "list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)["email"] == owner.mailbox.email

@@ -1,4 +1,5 @@
-"""Operations on the server: ``postal-keys``, ``rebuild-index``, ``rescreen``, ``discover``, ``worker``, ``run``."""
+"""Operations on the server: ``postal-keys``, ``postal-setup``, ``rebuild-index``, ``rescreen``, ``discover``,
+``worker``, ``run``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ def register(verbs: Any) -> None:
     verbs.add_parser(
         "postal-keys", help="list the Postal signing keys the bridge trusts, with their KIDs (compare with Postal's)"
     ).set_defaults(func=cmd_postal_keys)
+    verbs.add_parser(
+        "postal-setup", help="what to set up in Postal and DNS for this deployment: URLs, settings, KIDs, records"
+    ).set_defaults(func=cmd_postal_setup)
     verbs.add_parser("rebuild-index", help="restore Redis indexes from the object store").set_defaults(
         func=cmd_rebuild_index
     )
@@ -36,6 +40,14 @@ def register(verbs: Any) -> None:
 def cmd_postal_keys(args: argparse.Namespace) -> int:
     for key in open_bridge().postal_keys.describe():
         print(json.dumps(key))
+    return 0
+
+
+def cmd_postal_setup(args: argparse.Namespace) -> int:
+    from bridge.postal_setup import gather, render
+
+    bridge = open_bridge()
+    print(render(gather(bridge.settings, bridge.postal_keys.describe)), end="")
     return 0
 
 
