@@ -32,7 +32,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     bridge = Bridge(settings)
     _ = bridge.redis_url  # fail at start-up, not on the first request, when Redis is not configured
     _ = bridge.peers  # built now, so that BRIDGE_ALLOW_INSECURE_PEERS is announced at start
-    from bridge.web import api, events, openapi, ops, postal, recipients, send
+    from bridge.web import api, events, openapi, ops, postal, recipients, send, wellknown
+    from bridge.web import mtp as mtp_web
     from bridge.web.deadlines import deadlines
     from bridge.web.postal import request_limit
 
@@ -49,6 +50,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(send.blueprint)
     app.register_blueprint(recipients.blueprint)
     app.register_blueprint(openapi.blueprint)
+    app.register_blueprint(mtp_web.blueprint)
+    app.register_blueprint(wellknown.blueprint)
     app.register_blueprint(ops.blueprint)
     ops.mount_dashboard(app, bridge)
 

@@ -87,6 +87,10 @@ class HandshakeStore:
             raise RedisUnavailable("redis unavailable") from exc
         return result
 
+    def get(self, owner_address: str, handshake_id: str) -> Handshake | None:
+        """One stored handshake by id (None if absent or damaged): what a peer's handshake look-up reads."""
+        return self._load(self._key(owner_address, handshake_id))
+
     def all(self, owner_address: str) -> list[Handshake]:
         handshakes = []
         for key in self._objects.list(f"handshakes/{owner_address}/"):

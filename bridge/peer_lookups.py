@@ -1,0 +1,144 @@
+"""Answering peers' signed look-ups: ``POST /api/v1/mtp/did`` and ``POST /api/v1/mtp/handshake``.
+
+Authenticated like messages (``bridge.peer_inbound.authenticate``: the asking server's signature over the
+CBOR, its key from DNS), counted against the same per-domain rate limit, the ``lookupHeader`` timestamp
+inside the window; answered with our signed ``didLookupResponse`` / ``handshakeResponse`` (mtp-wire.md
+sections 6 and 7). What they disclose, and no more:
+
+* ``/did``: a mailbox's DID document only for an e-mail lookup hash the asker sends, i.e. for an address
+  it already knows; unknown hashes come back as asked (``notFoundLookups``). Nothing lists mailboxes.
+  Hashes of our mailboxes' addresses and aliases are computed once (scrypt, cached by ``SenderHashes``)
+  and kept in each process for ``INDEX_SECONDS``. Our CBOR carries the real document, so the signature
+  covers the DID and its keys (the reference's does not).
+* ``/handshake``: only the handshake an owner signed for the *asking* sender, whose key is
+  ``did:web:<senderDomain>#<senderAddress>``: a server can learn its own senders' standing, never anyone
+  else's. The owner is named by ``address`` or ``emailHash``; an ``id`` that is not that handshake's id
+  finds nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from typing import Any
+
+from bridge.context import Bridge
+from bridge.mailio import lookups, mtp
+from bridge.mailio.did import user_did_document
+from bridge.mailio.handshakes import HandshakeError, decode_content
+from bridge.mailio.identity import handshake_id, is_mailio_address
+from bridge.mailio.received import check_fresh
+from bridge.mailio.server_key import server_address
+from bridge.peer_inbound import authenticate, check_rate, now_ms, server_key
+
+#: Look-ups one request may carry (the reference asks per recipient of one message).
+MAX_LOOKUPS = 100
+INDEX_SECONDS = 60.0
+
+_index_lock = threading.Lock()
+_index: dict[int, tuple[float, dict[str, str]]] = {}
+
+
+def _bad(message: str) -> mtp.MtpError:
+    return mtp.MtpError(400, message)
+
+
+def _checked(bridge: Bridge, body: bytes, payload_key: str, list_key: str) -> tuple[str, dict[str, Any], list[Any]]:
+    """Authenticate, rate-limit and check the common shape; returns (sender domain, payload, look-ups)."""
+    signed, payload = authenticate(bridge, body, payload_key)
+    domain = signed.sender_domain
+    assert domain is not None
+    header = payload.get("lookupHeader")
+    if not isinstance(header, dict) or header.get("signatureScheme") != mtp.SIGNATURE_SCHEME:
+        raise _bad(f"lookupHeader is missing or its signatureScheme is not {mtp.SIGNATURE_SCHEME}")
+    timestamp = header.get("timestamp")
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool) or timestamp <= 0:
+        raise _bad("lookupHeader.timestamp is not a positive whole number of milliseconds")
+    sender = payload.get("senderAddress")
+    if not isinstance(sender, str) or not sender:
+        raise _bad("senderAddress is missing")
+    items = payload.get(list_key)
+    if not isinstance(items, list) or len(items) > MAX_LOOKUPS or not all(isinstance(i, dict) for i in items):
+        raise _bad(f"{list_key} is not a list of at most {MAX_LOOKUPS} objects")
+    check_fresh(timestamp, now_ms(), bridge.settings.mtp_time_window)
+    check_rate(bridge, domain)
+    return domain, payload, items
+
+
+def _owners_by_hash(bridge: Bridge) -> dict[str, str]:
+    """E-mail lookup hash -> mailbox address, for every mailbox's address and aliases (per process, briefly)."""
+    with _index_lock:
+        cached = _index.get(id(bridge))
+        if cached is not None and time.monotonic() - cached[0] < INDEX_SECONDS:
+            return cached[1]
+        owners = {email: m.address for m in bridge.mailboxes.all() for email in (m.email, *m.aliases)}
+        hashes = bridge.sender_hashes.lookup_hashes(owners)
+        index = {hashes[email]: address for email, address in owners.items()}
+        _index[id(bridge)] = (time.monotonic(), index)
+        return index
+
+
+def answer_did_lookup(bridge: Bridge, body: bytes) -> dict[str, Any]:
+    _, _, items = _checked(bridge, body, mtp.DID_LOOKUP_REQUEST, "didLookups")
+    key = server_key(bridge)
+    owners = _owners_by_hash(bridge) if items else {}
+    found, missing = [], []
+    for item in items:
+        email_hash, email = item.get("emailHash"), item.get("email", "")
+        if not isinstance(email_hash, str) or not isinstance(email, str) or len(email_hash) > 100 or len(email) > 320:
+            raise _bad("didLookups has an entry whose emailHash or email is not short text")
+        mailbox = bridge.mailboxes.get(owners[email_hash]) if email_hash in owners else None
+        if mailbox is None:
+            missing.append(lookups.did_lookup(email_hash, email))
+            continue
+        document = user_did_document(
+            bridge.settings.public_base_url,
+            mailbox.address,
+            _raw(mailbox.ed25519_public),
+            _raw(mailbox.x25519_public),
+            server_address=server_address(key),
+        )
+        entry = lookups.did_lookup(
+            email_hash, email, supports_mailio=True, supports_standard_email=True, did_document=document
+        )
+        found.append(entry)
+    payload = lookups.did_lookup_response(found, missing, now_ms())
+    return mtp.sign_request(mtp.DID_LOOKUP_RESPONSE, payload, key, None)
+
+
+def answer_handshake_lookup(bridge: Bridge, body: bytes) -> dict[str, Any]:
+    domain, payload, items = _checked(bridge, body, mtp.HANDSHAKE_REQUEST, "handshakeLookups")
+    sender_address = payload["senderAddress"]
+    if not is_mailio_address(sender_address):
+        raise _bad("senderAddress is not a 0x address")
+    sender_key = f"did:web:{domain}#{sender_address}"
+    owners: dict[str, str] | None = None
+    answers = []
+    for item in items:
+        address, email_hash, wanted = item.get("address"), item.get("emailHash"), item.get("id")
+        if is_mailio_address(address):
+            owner = address
+        elif isinstance(email_hash, str) and email_hash:
+            owners = _owners_by_hash(bridge) if owners is None else owners
+            owner = owners.get(email_hash)
+        else:
+            raise _bad("a handshake look-up needs address or emailHash")
+        if owner is None:
+            continue
+        hid = handshake_id(owner, sender_key)
+        if wanted not in (None, "", hid):
+            continue
+        handshake = bridge.handshakes.get(owner, hid)
+        if handshake is None:
+            continue
+        try:
+            answers.append(lookups.handshake_response_content(decode_content(handshake.cbor_payload)))
+        except HandshakeError:
+            continue
+    response = lookups.handshake_response(answers, now_ms())
+    return mtp.sign_request(mtp.HANDSHAKE_RESPONSE, response, server_key(bridge), None)
+
+
+def _raw(value: str) -> bytes:
+    return base64.b64decode(value)
