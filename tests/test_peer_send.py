@@ -254,6 +254,8 @@ def test_a_mailio_recipient_gets_an_envelope_sealed_to_its_key_and_is_accepted_o
     assert [list(r) for r in message["body"]["recipients"]] == [["encrypted_key", "header"]]
     assert message["body"]["recipients"][0]["header"]["kid"] == kid
     assert b"sealed hello" in _opened(payload, bob_keys, bob)
+    # Where it went, so that only that server's signed delivery message may move it on.
+    assert (entry["peer"], entry["did"]) == ({"host": peer.domain, "address": bob_keys.address}, kid)
     assert not bridge.spool.exists(owner.mailbox.address, msg_id)  # handed over: the plaintext is gone
 
 

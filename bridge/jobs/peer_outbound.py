@@ -104,6 +104,7 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
             by_host[str(found.host)].append(found)
     from_did = did_web(bridge.settings.domain, owner)
     for host, group in by_host.items():
+        _note_peers(bridge, owner, msg_id, group)  # before posting: its delivery message may beat the receipt
         outcome, how, covered = _send_to_host(peer, host, msg_id, from_did, body, group)
         for item in group:
             if isinstance(outcome, Sent) and item.kid in covered:
@@ -122,6 +123,22 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
         counts |= _not_sent(bridge, owner, msg_id, list(left), "; ".join(dict.fromkeys(left.values())))
     _drop_spool_when_done(bridge, owner, msg_id)
     return dict(counts)
+
+
+def _note_peers(bridge: Bridge, owner: str, msg_id: str, group: list[Resolution]) -> None:
+    """Record on each entry where it is sent (``peer``: host and 0x address, ``did``): only that server's
+    signed delivery message may then change its state (``bridge.peer_inbound.apply_delivery``)."""
+    wanted = {item.address.lower(): item for item in group}
+
+    def change(record: dict[str, Any]) -> None:
+        for entry in record["recipients"]:
+            item = wanted.get(entry["address"].lower())
+            if item is not None and item.kid:
+                entry["peer"] = {"host": item.host, "address": item.kid.rpartition("#")[2]}
+                entry["did"] = item.kid
+
+    # The store has no public setter for this yet; _update is its one locked read-modify-write.
+    bridge.outbound._update(owner, msg_id, change)
 
 
 def _body(bridge: Bridge, owner: str, msg_id: str, sent_record: dict[str, Any]) -> bytes | dict[str, Any] | None:
