@@ -5,7 +5,7 @@
    ``--nofsync``) and bench/bare.py, loaded by wrk with Postal-signed 20 KB deliveries, interleaved runs.
 2. End to end: one gunicorn worker and one ``python -m bridge worker``; N unique deliveries; time
    until the last 2xx (accepted) and until all N are listed in the folder index (filed).
-3. Memory: one 25 MB message to a gunicorn with one worker process; that process's peak RSS growth.
+3. Memory: one 1, 5 and 25 MB message to a gunicorn with one worker process; that process's peak RSS growth.
 4. Where the time goes: each stage of the request path, timed in-process.
 5. Screening (bench/screening.py): the filing job in-process against a Knot DNS server, known vs
    first-time senders (scrypt runs counted), then end to end with screening on.
@@ -13,10 +13,14 @@
    five DKIM-Signature headers for names whose DNS never answers (bench/dnslab.py: one dead zone, or a
    dead domain per delivery), against the same bridge with no extra connection and with extra plain
    ones (same concurrency), interleaved; the hostile requests' own latency too.
+8. Throughput and p99 against concurrency (1-32 connections): bare, the bridge on its file store, and
+   on S3 served by moto and by Ceph RGW (bench/sweep.py).
 Optionally one experiment in section 1 (``--experiment-workers N``): full and bare under N processes.
 
-Prints a table and writes it to bench/RESULTS.md. A benchmark, not a test: no timing is asserted;
-it exits non-zero only when something broke (a server did not start, a non-2xx answer, socket errors).
+Prints a table and writes it to bench/RESULTS.md, everything measured to bench/results.json, and the
+pictures the README shows to bench/img/ (bench/plots.py; ``python -m bench.plots`` redraws them).
+A benchmark, not a test: no timing is asserted; it exits non-zero only when something broke (a server
+did not start, a non-2xx answer, socket errors).
 It must never send traffic anywhere but 127.0.0.1, never leave a process running, never stop a
 process it did not start, and never keep its throw-away keys outside its temporary directory.
 """
@@ -24,6 +28,7 @@ process it did not start, and never keep its throw-away keys outside its tempora
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import json
 import logging
@@ -42,7 +47,7 @@ from typing import Any
 
 import redis
 
-from bench import procs, report, screening
+from bench import plots, procs, report, screening, sweep
 from bench.dnslab import DnsLab
 from bench.pool import Pool, big_message, build_pool, encode_delivery, extend_pool
 from bench.procs import BenchError, BridgeWorker, Gunicorn
@@ -62,7 +67,9 @@ BIG_MESSAGE_BYTES = 25 * 1024 * 1024
 THREADS, CONNECTIONS = 2, 8
 BRIDGE_APP = "wsgi:app"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SECTIONS = ("load", "hostile", "e2e", "memory", "where", "screening")
+RESULTS_JSON = Path(__file__).resolve().parent / "results.json"
+SECTIONS = ("load", "hostile", "e2e", "memory", "where", "screening", "sweep")
+MEMORY_SIZES_MB = (1, 5, 25)
 # The pools (bench/pool.py, bench/dnslab.py). CONTROL holds plain messages numbered apart from PLAIN's, for
 # the hostile mix's extra connections when they are not hostile (both pools go to one bridge there).
 PLAIN, SIGNED, HOSTILE, FRESH, CONTROL = "plain", "signed", "hostile", "fresh", "control"
@@ -87,6 +94,11 @@ class Config:
     hostile_seconds: float = 5.0
     only: tuple[str, ...] = ()
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
+    sweep_levels: tuple[int, ...] = sweep.LEVELS
+    sweep_seconds: float = 3.0
+    sweep_repeats: int = 2
+    sweep_backends: tuple[str, ...] = ("moto", "ceph")
+    draw: bool = False
 
 
 @dataclass
@@ -102,7 +114,9 @@ class Run:
     hostile: dict[str, Any] = field(default_factory=dict)
     section_seconds: dict[str, float] = field(default_factory=dict)
     e2e: dict[str, Any] = field(default_factory=dict)
-    memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)  # the 25 MB message, per target
+    memory_sizes: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # every size, per target
+    sweep: dict[str, Any] = field(default_factory=dict)
     stages: list[Any] = field(default_factory=list)
     stage_memory: list[Any] = field(default_factory=list)
     cyclic_mib: float = 0.0
@@ -230,6 +244,7 @@ class Loader:
         server = target.server
         pids = [server.pid, *server.worker_pids()]
         cpu_before = procs.cpu_seconds(pids)
+        threads = min(THREADS, connections)  # wrk needs a connection per thread
         result = procs.wrk(
             server.url,
             pool_index=pool.index,
@@ -237,13 +252,13 @@ class Loader:
             first=target.cursor,
             mode="cycle" if target.kind is None else "unique",
             seconds=seconds,
-            threads=THREADS,
+            threads=threads,
             connections=connections,
             timeout=timeout,
         )
         result["server_cpu_ms"] = (procs.cpu_seconds(pids) - cpu_before) * 1000 / max(1, result["requests"])
         if target.kind is not None:
-            target.cursor += int(result["sent_per_thread"]) * THREADS
+            target.cursor += int(result["sent_per_thread"]) * threads
             self.fastest[target.kind] = max(self.fastest.get(target.kind, 0.0), report.rate(result))
         return result
 
@@ -303,6 +318,65 @@ def measure_load(bench: Bench, run: Run) -> None:
                 )
             if not name.startswith("bare") and result["wrapped"]:
                 run.notes.append(f"{name}: the pool wrapped in one run (some deliveries were duplicates)")
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. throughput and p99 against concurrency, on the file store and on S3
+
+
+def measure_sweep(bench: Bench, run: Run) -> None:
+    config = bench.config
+    workers = config.web_workers
+    backends = sweep.S3Backends(bench.tmp / "s3")
+    targets: dict[str, Target] = {
+        "bare": Target(
+            Gunicorn("sweep-bare", "bench.bare:app", bench.bare_env(), bench.log_dir, workers=workers), None
+        ),
+        "full": Target(
+            Gunicorn("sweep-full", BRIDGE_APP, bench.env("sweep-file", fsync=True), bench.log_dir, workers=workers),
+            PLAIN,
+        ),
+    }
+    loader = Loader(bench)
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {}
+    try:
+        backends.start(config.sweep_backends)
+        for name in backends.servers:
+            extra = backends.env(name)
+            with sweep.aws_environ(extra):  # the mailbox is added by this process, through boto3's chain
+                env = bench.env(f"sweep-{name}", fsync=True, extra=extra)
+            server = Gunicorn(f"sweep-{name}", BRIDGE_APP, env, bench.log_dir, workers=workers)
+            targets[f"full-{name}"] = Target(server, PLAIN)
+        for target in targets.values():
+            target.server.start()
+        for target in targets.values():
+            loader.probe(target)
+            loader.run(target, config.warm_up)
+        for level in config.sweep_levels:
+            for repeat in range(config.sweep_repeats):
+                for name, target in targets.items():
+                    result = loader.run(target, config.sweep_seconds, connections=level)
+                    runs.setdefault(name, {}).setdefault(level, []).append(result)
+                    print(f"  c={level:2d} run {repeat + 1} {name:10s} {report.load_line(result)}", flush=True)
+    finally:
+        for target in targets.values():
+            target.server.stop()
+        backends.close()
+    run.sweep = {
+        "levels": list(config.sweep_levels),
+        "seconds": config.sweep_seconds,
+        "repeats": config.sweep_repeats,
+        "runs": runs,
+        "notes": backends.notes,
+    }
+    for name, levels in runs.items():
+        for level, results in levels.items():
+            for result in results:
+                if result["non2xx"] or _socket_errors(result):
+                    run.problems.append(
+                        f"sweep {name} at {level} connections: {int(result['non2xx'])} non-2xx answers, "
+                        f"{_socket_errors(result)} socket errors"
+                    )
 
 
 def _probe(server: Gunicorn, pool: Pool) -> int:
@@ -544,10 +618,15 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
 
 
 def measure_memory(bench: Bench, run: Run) -> None:
-    message = big_message(BIG_MESSAGE_BYTES)
-    body = encode_delivery(message, 9_000_001, EMAIL)
-    headers = {"Content-Type": "application/json", **bench.signer.sign_headers(body, sha1=False)}
-    stored = len(decode_base64(json.loads(body)["message"], field="message"))
+    """Each size in turn, smallest first, to one gunicorn worker process per target: its peak RSS
+    growth above what it held before the delivery (VmHWM reset per delivery)."""
+    deliveries = []
+    for number, size in enumerate(MEMORY_SIZES_MB):
+        message = big_message(size * 1024 * 1024)
+        body = encode_delivery(message, 9_000_001 + number, EMAIL)
+        headers = {"Content-Type": "application/json", **bench.signer.sign_headers(body, sha1=False)}
+        stored = len(decode_base64(json.loads(body)["message"], field="message"))
+        deliveries.append((size, body, headers, stored))
     pool = bench.ensure_pool(1)
     warm_body, warm_headers = pool.read(0, 1)[0]
     targets = {
@@ -556,33 +635,40 @@ def measure_memory(bench: Bench, run: Run) -> None:
     }
     for name, (app, env) in targets.items():
         server = Gunicorn(f"memory-{name}", app, env, bench.log_dir, workers=1)
+        rows = run.memory_sizes.setdefault(name, [])
         try:
             server.start()
             (pid,) = server.worker_pids()
             status = _post(server.url, warm_body, warm_headers)
             if not 200 <= status < 300:
                 raise BenchError(f"memory {name}: the warm-up request got {status}")
-            procs.reset_peak_rss(pid)
-            before = procs.status_kb(pid, "VmRSS")
-            started = time.perf_counter()
-            status = _post(server.url, body, headers)
-            seconds = time.perf_counter() - started
-            peak = procs.status_kb(pid, "VmHWM")
-            after = procs.status_kb(pid, "VmRSS")
+            for size, body, headers, stored in deliveries:
+                procs.reset_peak_rss(pid)
+                before = procs.status_kb(pid, "VmRSS")
+                started = time.perf_counter()
+                status = _post(server.url, body, headers)
+                seconds = time.perf_counter() - started
+                peak = procs.status_kb(pid, "VmHWM")
+                after = procs.status_kb(pid, "VmRSS")
+                if not 200 <= status < 300:
+                    run.problems.append(f"memory {name}: the {size} MB delivery got HTTP {status}")
+                rows.append(
+                    {
+                        "size_mb": size,
+                        "status": status,
+                        "message_bytes": stored,
+                        "request_bytes": len(body),
+                        "rss_before_kb": before,
+                        "peak_kb": peak,
+                        "rss_after_kb": after,
+                        "growth_bytes": (peak - before) * 1024,
+                        "seconds": seconds,
+                    }
+                )
         finally:
             server.stop()
-        if not 200 <= status < 300:
-            run.problems.append(f"memory {name}: the 25 MB delivery got HTTP {status}")
-        run.memory[name] = {
-            "status": status,
-            "message_bytes": stored,
-            "request_bytes": len(body),
-            "rss_before_kb": before,
-            "peak_kb": peak,
-            "rss_after_kb": after,
-            "growth_bytes": (peak - before) * 1024,
-            "seconds": seconds,
-        }
+        run.memory[name] = rows[-1]  # the largest (25 MB): the goal's row
+    body, headers = deliveries[-1][1], deliveries[-1][2]
     # Where the bridge's peak comes from: the same delivery through each stage, in-process.
     env = bench.env("memory-stages", fsync=True)
     run.stage_memory, run.cyclic_mib = measure_stage_memory(Settings.from_env(env), body, headers)
@@ -652,6 +738,14 @@ def tree_state() -> str:
     return f"`{head[:90]}`" + (f" with {changed} tracked files changed and not committed" if changed else ", clean")
 
 
+def results_document(run: Run, elapsed: float) -> dict[str, Any]:
+    """Everything one run measured, for bench/results.json and the pictures (dataclasses as dicts)."""
+    document: dict[str, Any] = dataclasses.asdict(run)
+    document["elapsed_seconds"] = elapsed
+    document["started"] = run.started.isoformat()
+    return document
+
+
 def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured wrk run")
@@ -669,6 +763,10 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--known-messages", type=int, default=3000, help="screening: messages from known senders")
     parser.add_argument("--new-senders", type=int, default=200, help="screening: first-time senders (one scrypt each)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers not comparable)")
+    parser.add_argument(
+        "--no-ceph", action="store_true", help="section 8 without Ceph RGW (moto only; Ceph takes ~30 s to start)"
+    )
+    parser.add_argument("--draw", action="store_true", help="draw the pictures even when no results are written")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
     parser.add_argument(
         "--only",
@@ -692,12 +790,16 @@ def parse_args(argv: list[str] | None) -> Config:
         screening=ScreeningConfig(known_messages=args.known_messages, new_senders=args.new_senders),
         only=tuple(args.only or ()),
     )
+    config.draw = args.draw
+    if args.no_ceph:
+        config.sweep_backends = ("moto",)
     if config.only:
         config.write_results = False
     if args.quick:
         config.seconds, config.repeats, config.warm_up, config.hostile_repeats = 2.0, 1, 1.0, 1
         config.hostile_seconds = 2.0
         config.e2e_count, config.stage_runs = 300, 20
+        config.sweep_levels, config.sweep_seconds, config.sweep_repeats = (1, 8, 32), 2.0, 1
         config.screening = ScreeningConfig(known_messages=500, new_senders=20, profile_messages=200, scrypt_samples=3)
         config.write_results = False
     return config
@@ -723,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
             ("3 memory (one 25 MB message)", measure_memory),
             ("4 where the time goes (in-process)", measure_where),
             ("5-6 screening: the filing job in-process, then end to end", measure_screening),
+            ("8 throughput and p99 against concurrency, file store and S3", measure_sweep),
         ]
         if config.only:
             sections = [(t, f) for (t, f), name in zip(sections, SECTIONS, strict=True) if name in config.only]
@@ -749,7 +852,13 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if config.write_results:
         RESULTS.write_text(text)
-        print(f"bench: wrote {RESULTS}")
+        RESULTS_JSON.write_text(
+            json.dumps(results_document(run, time.monotonic() - begin), indent=1, default=str) + "\n"
+        )
+        print(f"bench: wrote {RESULTS}, {RESULTS_JSON}")
+    if config.write_results or config.draw:
+        drawn = plots.draw(results_document(run, time.monotonic() - begin))
+        print("bench: drew " + ", ".join(str(path) for path in drawn))
     if run.problems:
         print("bench: something broke: " + "; ".join(run.problems), file=sys.stderr)
         return 1

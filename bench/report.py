@@ -9,6 +9,8 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING, Any
 
+from bench import sweep
+
 if TYPE_CHECKING:
     from bench.__main__ import Run
 
@@ -156,6 +158,20 @@ def render(run: Run, elapsed: float) -> str:
         f"| peak memory growth / message size | <= {GOAL_MEMORY:.0f}x | {_fmt(memory_factor, '.1f')}x | "
         f"{_verdict(None if memory_factor is None else memory_factor <= GOAL_MEMORY)} |"
     )
+    for name in ("full-moto", "full-ceph"):
+        at8 = sweep.summarize(run.sweep, rate).get(name, {}).get(8) if run.sweep else None
+        if at8:
+            add(
+                f"| throughput full/bare on S3 ({sweep.LABELS[name].split('(')[1].rstrip(')')}), 8 connections | "
+                f">= {sweep.GOAL_S3_RATIO} | {at8['ratio']:.2f} (p99 {at8['p99']:.0f} ms) | "
+                f"{_verdict(at8['ratio'] >= sweep.GOAL_S3_RATIO)} |"
+            )
+    for sized in run.memory_sizes.get("full", [])[:-1]:  # the largest is the row above
+        factor = sized["growth_bytes"] / sized["message_bytes"]
+        add(
+            f"| peak memory growth / message size, {sized['size_mb']:.0f} MB | <= {GOAL_MEMORY:.0f}x | {factor:.1f}x | "
+            f"{_verdict(factor <= GOAL_MEMORY)} |"
+        )
     sc = run.screening
     if sc.get("known"):
         known_rate = sc["known"]["filed"] / sc["known"]["seconds"]
@@ -255,16 +271,18 @@ def render(run: Run, elapsed: float) -> str:
         )
     add("")
 
-    add("## 3. Memory: one 25 MB message, one gunicorn worker process")
+    add("## 3. Memory: one 1, 5 and 25 MB message, one gunicorn worker process")
     add("")
     add(
-        "Warm-up with one 20 KB delivery, then `echo 5 > /proc/<worker>/clear_refs`, VmRSS before, "
-        "VmHWM after the 25 MB delivery (a MIME message with a base64 attachment of random bytes)."
+        "Warm-up with one 20 KB delivery, then for each size, smallest first, to the same process: "
+        "`echo 5 > /proc/<worker>/clear_refs`, VmRSS before, VmHWM after the delivery (a MIME message with a "
+        "base64 attachment of random bytes). Picture: [`bench/img/memory.png`](img/memory.png)."
     )
     add("")
     add("| target | message | request body | RSS before | peak | growth | growth / message | answer | time |")
     add("|---|---|---|---|---|---|---|---|---|")
-    for name, m in run.memory.items():
+    measured = [(name, m) for name, rows in run.memory_sizes.items() for m in rows]
+    for name, m in measured or list(run.memory.items()):
         add(
             f"| {names.get(name, name)} | {m['message_bytes'] / MB:.1f} MiB | {m['request_bytes'] / MB:.1f} MiB | "
             f"{m['rss_before_kb'] / 1024:.0f} MiB | {m['peak_kb'] / 1024:.0f} MiB | {m['growth_bytes'] / MB:.0f} MiB | "
@@ -301,6 +319,8 @@ def render(run: Run, elapsed: float) -> str:
         _screening(add, sc, {stage.name: stage.median_ms for stage in run.stages})
     if run.hostile:
         _hostile(add, run)
+    if run.sweep:
+        sweep.render(add, run.sweep, rate)
     if run.notes:
         add("## Notes")
         add("")
