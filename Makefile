@@ -10,8 +10,9 @@ export BRIDGE_DOMAIN ?= localhost
 export BRIDGE_DATA_DIR ?= $(CURDIR)/var
 
 APT_RUN := redis-server
-# prometheus: for promtool, which checks postal_config/monitoring (its own service is not used).
-APT_TEST := redis-server knot knot-dnsutils ceph-mon ceph-osd radosgw nodejs npm wrk curl prometheus
+# prometheus: for promtool, which checks postal_config/monitoring (its own service is not used);
+# ruby: to check postal_config/console.rb (ruby -wc and its retention logic).
+APT_TEST := redis-server knot knot-dnsutils ceph-mon ceph-osd radosgw nodejs npm wrk curl prometheus ruby
 
 .PHONY: run test bench lint format apt-run apt-test apt-install clean
 

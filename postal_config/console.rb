@@ -1,10 +1,12 @@
 # frozen_string_literal: true
 
-# Plug the Mailio bridge into one Postal mail server: an HTTP endpoint, a route to it and an
-# API credential (and, opt-in, the webhook for outbound status). Idempotent: it looks for what
-# an earlier run created (endpoint by URL, route by name and domain, credential and webhook by
-# name), leaves what is already right alone, and only warns about what differs unless UPDATE=1.
-# It never deletes anything.
+# Plug the Mailio bridge into one Postal mail server: an HTTP endpoint, a route to it, an API
+# credential, the events webhook for outbound status, and the server's raw message retention
+# lowered. Idempotent: it looks for what an earlier run created (endpoint by URL, route by name
+# and domain, credential by name, webhook by URL), leaves what is already right alone, and only
+# warns about what differs unless UPDATE=1. It never deletes anything. The retention is lowered
+# without UPDATE=1 (never raised): Postal keeps its own plaintext copy of every message, which
+# the bridge's sealing cannot reach.
 #
 # Written against the models of Postal 3.3.6 (postalserver/postal, tag 3.3.6): HTTPEndpoint
 # (app/models/http_endpoint.rb), Route (route.rb, `_endpoint = "HTTPEndpoint#<uuid>"` as the
@@ -37,9 +39,22 @@
 #   ENDPOINT_NAME    default "Mailio bridge"
 #   CREDENTIAL       1 (default) creates the API credential for BRIDGE_POSTAL_API_KEY; 0 skips it
 #   CREDENTIAL_NAME  default "Mailio bridge"
-#   EVENTS_WEBHOOK   1 adds a webhook to <BRIDGE_URL>/postal/events for outbound delivery status.
-#                    NOT YET SERVED by the bridge (comes with the outbound work): leave it off.
+#   EVENTS_WEBHOOK   1 (default) adds the webhook to <BRIDGE_URL>/postal/events (outbound delivery
+#                    status of mail the bridge sends); 0 skips it
+#   RAW_RETENTION_DAYS  days Postal keeps raw messages (bodies, attachments): default 1, the lowest
+#                    that outlasts Postal's own retries (see below); 0 is allowed; "keep" leaves it
+#   RAW_RETENTION_MB optional: also lower the raw message size cap (MB) to this
 #   UPDATE           1 changes existing records to the settings above instead of only warning
+#
+# Raw message retention (Postal 3.3.6, app/scheduled_tasks/process_message_retention_scheduled_task.rb
+# and lib/postal/message_db/provisioner.rb): raw messages live in one table per UTC day
+# ("raw-YYYY-MM-DD"); every day at 03:00 Postal drops the tables older than today minus
+# raw_message_retention_days (and then the oldest ones until under raw_message_retention_size MB).
+# Defaults: 30 days, 2048 MB. With N days a message's body stays between N*24+3 and N*24+27 hours.
+# A message whose body was dropped while Postal still retries it hard-fails ("Raw message has been
+# removed"), without a bounce: mail lost. Postal's last retry comes ~24 h after the first attempt,
+# so 1 day (27..51 h) is the lowest safe value; 0 (3..27 h) loses mail the bridge could not take
+# overnight.
 
 module MailioBridgeSetup
 
@@ -69,6 +84,7 @@ module MailioBridgeSetup
     report_other_routes(domain, settings[:route_name])
     ensure_credential(server, settings) if settings[:credential]
     ensure_webhook(server, settings) if settings[:events_webhook]
+    ensure_raw_retention(server, settings)
     puts "Done."
   end
 
@@ -90,6 +106,18 @@ module MailioBridgeSetup
     format = env.fetch("FORMAT", "RawMessage")
     raise Error, "FORMAT must be one of #{HTTPEndpoint::FORMATS.join(', ')}" unless HTTPEndpoint::FORMATS.include?(format)
 
+    retention = env.fetch("RAW_RETENTION_DAYS", "1").strip
+    retention_days = retention == "keep" ? nil : Integer(retention, exception: false)
+    unless retention == "keep" || retention_days&.between?(0, 30)
+      raise Error, "RAW_RETENTION_DAYS must be a whole number of days from 0 to 30, or keep"
+    end
+
+    given_mb = env["RAW_RETENTION_MB"].to_s.strip
+    retention_mb = given_mb.empty? ? nil : Integer(given_mb, exception: false)
+    if !given_mb.empty? && !retention_mb&.positive?
+      raise Error, "RAW_RETENTION_MB must be a whole number of megabytes from 1"
+    end
+
     route_name = env.fetch("ROUTE_NAME", "*").strip.downcase
     raise Error, "ROUTE_NAME must be * or a local part such as jane" unless route_name.match?(/\A(\*|[a-z0-9\-.]+)\z/)
 
@@ -106,7 +134,9 @@ module MailioBridgeSetup
       endpoint_name: env.fetch("ENDPOINT_NAME", "Mailio bridge"),
       credential: env.fetch("CREDENTIAL", "1") != "0",
       credential_name: env.fetch("CREDENTIAL_NAME", "Mailio bridge"),
-      events_webhook: env.fetch("EVENTS_WEBHOOK", "0") == "1",
+      events_webhook: env.fetch("EVENTS_WEBHOOK", "1") == "1",
+      raw_retention_days: retention_days,
+      raw_retention_mb: retention_mb,
       update: env.fetch("UPDATE", "0") == "1"
     }
   end
@@ -235,12 +265,11 @@ module MailioBridgeSetup
     else
       puts "API credential #{credential.name.inspect} exists."
     end
-    puts "  For the bridge (outbound, not used yet; secret, keep it out of logs): BRIDGE_POSTAL_API_KEY=#{credential.key}"
+    puts "  For the bridge (sending; secret, keep it out of logs): BRIDGE_POSTAL_API_KEY=#{credential.key}"
     credential
   end
 
   def ensure_webhook(server, settings)
-    warn "WARNING: the bridge does not serve #{EVENTS_PATH} yet; Postal will retry each event ~6 times, then drop it."
     webhook = server.webhooks.find_by(url: settings[:events_url])
     if webhook.nil?
       webhook = server.webhooks.create!(
@@ -266,6 +295,35 @@ module MailioBridgeSetup
            "#{missing.empty? ? 'none' : missing.join(', ')}. Run again with UPDATE=1 to change it."
     end
     webhook
+  end
+
+  # Lowers, never raises: an admin who chose less than asked keeps it. Runs without UPDATE=1.
+  def ensure_raw_retention(server, settings)
+    wanted = {}
+    days = settings[:raw_retention_days]
+    current_days = server.raw_message_retention_days
+    wanted[:raw_message_retention_days] = days if days && (current_days.nil? || current_days > days)
+    megabytes = settings[:raw_retention_mb]
+    current_mb = server.raw_message_retention_size
+    wanted[:raw_message_retention_size] = megabytes if megabytes && (current_mb.nil? || current_mb > megabytes)
+    if wanted.empty?
+      puts "Raw message retention is right: #{describe_retention(server)}"
+    else
+      server.update!(wanted)
+      puts "Lowered raw message retention: #{describe_retention(server)}"
+    end
+    if server.raw_message_retention_days.nil?
+      warn "WARNING: raw_message_retention_days is unset: Postal keeps raw messages until the size cap. " \
+           "Run again without RAW_RETENTION_DAYS=keep."
+    end
+    server
+  end
+
+  def describe_retention(server)
+    days = server.raw_message_retention_days
+    size = server.raw_message_retention_size
+    "#{days.nil? ? 'no day limit' : "#{days} day(s)"}, #{size.nil? ? 'no size cap' : "at most #{size} MB"} " \
+      "(Postal drops older raw messages daily at 03:00; message metadata is kept #{server.message_retention_days.inspect} days)"
   end
 
 end

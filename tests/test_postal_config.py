@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +64,7 @@ def test_postal_setup_prints_this_deployments_urls_settings_kids_and_records(
     assert "[x] server key made" in text and "[x] BRIDGE_POSTAL_API_KEY set" in text
 
 
-def test_postal_setup_without_a_public_url_or_keys_says_so_instead_of_guessing(
-    setup_text: Any, tmp_path: Path
-) -> None:
+def test_postal_setup_without_a_public_url_or_keys_says_so_instead_of_guessing(setup_text: Any, tmp_path: Path) -> None:
     (tmp_path / "server.key").write_text("not a key")
     text = setup_text(BRIDGE_POSTAL_PUBLIC_KEY="", BRIDGE_POSTAL_URL="http://127.0.0.1:9")
     assert "!! BRIDGE_PUBLIC_URL is not set." in text
@@ -70,3 +72,77 @@ def test_postal_setup_without_a_public_url_or_keys_says_so_instead_of_guessing(
     assert "jwks                      cannot fetch:" in text
     assert "none yet: every delivery gets 503" in text and "[ ] Postal's signing key trusted" in text
     assert f"Mailio TXT: the server key cannot be used: {tmp_path / 'server.key'} is not a PEM private key" in text
+
+
+# --- console.rb ------------------------------------------------------------------------------------
+
+RUBY = shutil.which("ruby")
+needs_ruby = pytest.mark.skipif(RUBY is None, reason="ruby is not installed (make test installs Debian's ruby)")
+CONSOLE = ROOT / "postal_config" / "console.rb"
+
+
+@needs_ruby
+def test_console_rb_is_valid_ruby() -> None:
+    checked = subprocess.run([str(RUBY), "-wc", str(CONSOLE)], capture_output=True, text=True, timeout=60, check=False)
+    assert (checked.returncode, checked.stdout.strip(), checked.stderr) == (0, "Syntax OK", "")
+
+
+@needs_ruby
+def test_console_rb_lowers_raw_message_retention_and_never_raises_it() -> None:
+    """Its own logic, run against stand-ins for Postal's Server (no Postal here): twice each, the second a no-op."""
+    cases = [
+        {"env": {}, "days": 30, "size": 2048},  # Postal's defaults -> 1 day, the size cap left
+        {"env": {"RAW_RETENTION_DAYS": "0"}, "days": 1, "size": 2048},
+        {"env": {}, "days": 0, "size": None},  # an admin's lower choice is kept
+        {"env": {"RAW_RETENTION_DAYS": "keep", "RAW_RETENTION_MB": "100"}, "days": 30, "size": 2048},
+        {"env": {"RAW_RETENTION_DAYS": "-1"}, "days": 1, "size": 1},
+        {"env": {"RAW_RETENTION_MB": "x"}, "days": 1, "size": 1},
+        {"env": {"EVENTS_WEBHOOK": "0"}, "days": None, "size": 2048},  # no day limit at all -> 1 day
+    ]
+    harness = ROOT / "tests" / "data" / "postal_console_harness.rb"
+    run = subprocess.run(
+        [str(RUBY), str(harness), str(CONSOLE), json.dumps(cases)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout)
+    assert [(r.get("days"), r.get("size"), r.get("updates")) for r in results[:4]] == [
+        (1, 2048, 1),
+        (0, 2048, 1),
+        (0, None, 0),
+        (30, 100, 1),
+    ]
+    assert results[0]["printed"].splitlines() == [
+        "Lowered raw message retention: 1 day(s), at most 2048 MB (Postal drops older raw messages daily at 03:00; "
+        "message metadata is kept 60 days)",
+        "Raw message retention is right: 1 day(s), at most 2048 MB (Postal drops older raw messages daily at 03:00; "
+        "message metadata is kept 60 days)",
+    ]
+    assert results[4] == {"error": "RAW_RETENTION_DAYS must be a whole number of days from 0 to 30, or keep"}
+    assert results[5] == {"error": "RAW_RETENTION_MB must be a whole number of megabytes from 1"}
+    assert (results[6]["days"], results[6]["webhook"]) == (1, False) and results[0]["webhook"] is True
+
+
+# --- systemd units ---------------------------------------------------------------------------------
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+def test_the_systemd_units_verify_and_run_this_installs_commands(tmp_path: Path) -> None:
+    """systemd's own check, with the install path pointed at this checkout (whose venv has both commands)."""
+    units = []
+    for unit in sorted((ROOT / "postal_config" / "systemd").glob("*.service")):
+        text = unit.read_text()
+        assert "EnvironmentFile=/etc/mailio-bridge/env" in text and "User=mailio-bridge" in text
+        (tmp_path / unit.name).write_text(
+            text.replace("/opt/mailio-bridge/.venv", str(Path(sys.executable).parents[1]))
+        )
+        units.append(str(tmp_path / unit.name))
+    assert [Path(u).name for u in units] == ["mailio-bridge-web.service", "mailio-bridge-worker.service"]
+    web, worker = (Path(u).read_text() for u in units)
+    assert "/bin/gunicorn -c /opt/mailio-bridge/gunicorn.conf.py wsgi:app" in web
+    assert "/bin/mailio-bridge worker" in worker
+    checked = subprocess.run(
+        [str(SYSTEMD_ANALYZE), "verify", *units], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (checked.returncode, checked.stderr) == (0, "")
