@@ -102,6 +102,7 @@ RESOLVE = "/api/v1/recipients/resolve"  # each e-mail address costs a scrypt (~0
 @schema.exclude(path=RESOLVE).parametrize()
 @settings(
     max_examples=25,
+    database=None,  # no example database in the working tree
     deadline=None,
     phases=[Phase.explicit, Phase.generate],
     suppress_health_check=list(HealthCheck),
@@ -113,6 +114,7 @@ def test_every_operation_answers_as_documented(case: Any, live: dict[str, Any]) 
 @schema.include(path=RESOLVE).parametrize()
 @settings(
     max_examples=8,
+    database=None,
     deadline=None,
     phases=[Phase.explicit, Phase.generate],
     suppress_health_check=list(HealthCheck),
