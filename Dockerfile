@@ -1,25 +1,26 @@
-# The Mailio bridge for Postal: one image for the web process and the worker.
+# The Mailio bridge for Postal: one image for the web process and the worker (compose.yaml runs both).
 #
 #   docker build -t mailio-bridge .
 #
 # Web (the default command; put the TLS proxy of postal_config/nginx.conf.example in front of it):
-#   docker run -d --name bridge-web -p 127.0.0.1:8080:8080 \
-#     -e BRIDGE_DOMAIN=example.com -e BRIDGE_REDIS_URL=redis://redis:6379/0 \
-#     -e BRIDGE_STORAGE_URL=s3://mail-bucket -e BRIDGE_POSTAL_URL=https://postal.example.com \
-#     -e AWS_ENDPOINT_URL=... -e AWS_ACCESS_KEY_ID=... -e AWS_SECRET_ACCESS_KEY=... mailio-bridge
+#   docker run -d --name bridge-web --restart unless-stopped -p 127.0.0.1:8080:8080 --env-file bridge.env \
+#     -v bridge-data:/data mailio-bridge
 #
-# Worker (same image and the same environment, another command; it serves no HTTP, so turn the
-# health check off):
-#   docker run -d --name bridge-worker --no-healthcheck <same -e options> mailio-bridge python -m bridge worker
-#   (docker compose: `command: ["python", "-m", "bridge", "worker"]` and `healthcheck: {disable: true}`)
+# Worker (same image and environment, another command; it serves no HTTP, so no health check):
+#   docker run -d --name bridge-worker --restart unless-stopped --env-file bridge.env -v bridge-data:/data \
+#     --no-healthcheck mailio-bridge mailio-bridge worker
 #
-# In a container BRIDGE_REDIS_URL is required: the private Redis of `make run` is not started here.
-# With the filesystem object store (no BRIDGE_STORAGE_URL), mount one volume at /data into the web
-# and the worker containers alike. Operator commands run in the same way; a generated private key
-# belongs to the mailbox owner, not next to the mail: copy it out and delete it from the container.
-#   docker exec bridge-web python -m bridge mailbox add jane@example.com --key-out /tmp/jane.key.json
+# bridge.env holds the settings (README, Settings): at least BRIDGE_DOMAIN, BRIDGE_PUBLIC_URL,
+# BRIDGE_REDIS_URL (required here: the private Redis of `make run` is not started in a container),
+# BRIDGE_STORAGE_URL (s3://... with AWS_* for the endpoint and keys) and BRIDGE_POSTAL_URL. The /data
+# volume holds the server key (BRIDGE_SERVER_KEY_FILE, default /data/server.key), the spool key and,
+# without BRIDGE_STORAGE_URL, the filesystem object store: mount the same volume into web and worker.
+# Operator commands run in either container:
+#   docker exec bridge-web mailio-bridge keys init
+#   docker exec bridge-web mailio-bridge postal-setup
+#   docker exec bridge-web mailio-bridge mailbox add jane@example.com --key-out /tmp/jane.key.json
 #   docker cp bridge-web:/tmp/jane.key.json . && docker exec bridge-web rm /tmp/jane.key.json
-# Every BRIDGE_* setting is listed in bridge/settings.py.
+# (a generated private key belongs to the mailbox owner, not next to the mail).
 
 FROM python:3.11-slim-bookworm
 
@@ -36,22 +37,26 @@ RUN groupadd --system --gid 10001 bridge \
 
 WORKDIR /app
 
-# Runtime dependencies only (requirements-dev.txt stays out of the image).
+# Runtime dependencies first (a layer that changes only with requirements.txt; no dev tools).
 COPY requirements.txt ./
 RUN pip install -r requirements.txt
 
+# The package itself, for the console script /usr/local/bin/mailio-bridge (the same verbs as make run's).
+COPY pyproject.toml ./
 COPY bridge/ ./bridge/
+RUN pip install --no-deps . && rm -rf build ./*.egg-info
 COPY wsgi.py gunicorn.conf.py ./
 
 ENV BRIDGE_DATA_DIR=/data \
     BRIDGE_LISTEN=0.0.0.0:8080 \
     BRIDGE_WEB_WORKERS=4
 
-USER bridge
+USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 8080
 
-# 200 when Redis and the object store answer, 503 otherwise; python because slim has no curl.
+# /healthz: the web process lives and answers (readiness, Redis and the store, is /readyz: a store
+# outage must not get the container restarted). python because slim has no curl.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request\ntry:\n    urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=8)\nexcept Exception as exc:\n    sys.exit(f'unhealthy: {exc}')"]
 
