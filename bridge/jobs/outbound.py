@@ -10,17 +10,19 @@ unrouted (or held for the Mailio leg), and records every route in one update of 
 * ``temporary`` (DNS timeout, SERVFAIL) -> the job raises ``RetryLater`` and RQ runs it again after the
   next of BRIDGE_OUTBOUND_RETRY_DELAYS; past the last, those recipients fail with the reason.
 
-It then queues ``record_contacts(owner, msg_id)``: screening's "people you wrote to" are kept by their
-e-mail lookup hash, one scrypt (~120 ms, cached in Redis) per address never hashed before, so a
-1,000-recipient message costs that job about a minute of CPU; it runs after the delivery job, off the
-path to Postal. A reply that arrives before it has run is screened like any unknown sender's.
+It then queues ``record_contacts(owner, msg_id)``, unless every recipient was recorded before (one Redis
+round trip): screening's "people you wrote to" are kept by their e-mail lookup hash, one scrypt (~120 ms,
+cached in Redis) per address never hashed before, so a 1,000-recipient message costs that job about a
+minute of CPU; it runs after the delivery job, off the path to Postal. A reply that arrives before it has
+run is screened like any unknown sender's.
 
 ``deliver_postal(owner, msg_id)`` sends the spooled plaintext with ``send/raw``, 50 recipients a call,
-each call three updates of the record (before, after, Postal's ids), whatever the batch's size.
+each call two updates of the record (before and after), whatever the batch's size.
 **Never twice**: every call is marked on the record before it is made (``start_attempt``: outcome
 ``sending``) and after (``end_attempt``). A mark still ``sending`` when a job starts means a worker died
 during a call that Postal may have taken: that recipient becomes ``uncertain`` and is not resent.
-Outcomes: accepted -> ``record_postal``; permanent -> ``failed``; uncertain (timeout or reset after
+The mark after the call also records what the outcome means, in the same update of the record.
+Outcomes: accepted -> Postal's ids, ``accepted``; permanent -> ``failed``; uncertain (timeout or reset after
 sending, 5xx) -> ``uncertain`` at once, never resent blindly (events or the owner's explicit resend
 resolve it); temporary (provably not sent: connection refused, ServerSuspended) -> retried after the
 next delay, then ``failed``. One delivery job runs per message at a time (a Redis lock), so two jobs
@@ -143,7 +145,8 @@ def route_message(owner: str, msg_id: str) -> dict[str, int]:
         enqueue_delivery(bridge, owner, msg_id)
     if mailio_ready(bridge) and any(e["route"] == MAILIO and e["state"] == QUEUED for e in record["recipients"]):
         enqueue_mailio(bridge, owner, msg_id)  # the Mailio leg: bridge.jobs.peer_outbound
-    enqueue_contacts(bridge, owner, msg_id)  # after the delivery job: the worker takes that one first
+    if bridge.contacts.unrecorded(owner, [e["address"] for e in record["recipients"]]):
+        enqueue_contacts(bridge, owner, msg_id)  # after the delivery job: the worker takes that one first
     if waiting:
         if not _last_try():
             raise RetryLater(f"discovery did not answer for {len(waiting)} recipient(s)")
@@ -163,8 +166,10 @@ def record_contacts(owner: str, msg_id: str) -> int:
     record = bridge.outbound.get(owner, msg_id)
     if record is None:
         return 0
-    hashes = bridge.sender_hashes.lookup_hashes(e["address"] for e in record["recipients"])
+    addresses = [e["address"] for e in record["recipients"]]
+    hashes = bridge.sender_hashes.lookup_hashes(addresses)
     added = bridge.contacts.record_many(owner, hashes.values())
+    bridge.contacts.mark_recorded(owner, addresses)
     log.info("contacts: %s %d new of %d", msg_id, added, len(hashes))
     return added
 
@@ -186,12 +191,12 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
     record = outbound.get(owner, msg_id)
     if record is None:
         return {}
-    _settle_interrupted(bridge, owner, msg_id, record)
-    record = outbound.get(owner, msg_id) or record
+    if _settle_interrupted(bridge, owner, msg_id, record):
+        record = outbound.get(owner, msg_id) or record
     todo = [e["address"] for e in record["recipients"] if e["route"] == SMTP and e["state"] == QUEUED]
     counts: dict[str, int] = defaultdict(int)
     if not todo:
-        _drop_spool_when_done(bridge, owner, msg_id)
+        _drop_spool_when_done(bridge, owner, msg_id, record)
         return {}
     spooled = bridge.spool.get(owner, msg_id)
     if spooled is None:
@@ -210,23 +215,25 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
             continue
         number = outbound.start_attempt(owner, msg_id, batch)  # before the call: a crash leaves "sending"
         result = client.send_raw(mail_from, batch, message)
+        # After the call, one update records how it ended and what that means for its recipients.
+        end: dict[str, Any] = {}
         detail = None if isinstance(result, Accepted) else f"{result.code}: {result.reason}"
-        outbound.end_attempt(owner, msg_id, batch, number, result.outcome, detail)
-        counts[result.outcome] += len(batch)
         if isinstance(result, Accepted):
-            refs = {rcpt: {"id": ref.id, "token": ref.token} for rcpt, ref in result.recipients.items()}
-            outbound.record_postal(owner, msg_id, refs)
+            end["postal"] = {rcpt: {"id": ref.id, "token": ref.token} for rcpt, ref in result.recipients.items()}
         elif isinstance(result, Permanent):
-            outbound.set_states(owner, msg_id, batch, FAILED, f"Postal refused it: {detail}")
+            end |= {"state": FAILED, "reason": f"Postal refused it: {detail}"}
         elif isinstance(result, Temporary):
             left.extend(batch)
             reason, stop = f"Postal did not take it: {detail}", True
         else:
-            outbound.set_states(owner, msg_id, batch, UNCERTAIN, f"Postal may have taken it ({detail}): not resent")
+            end |= {"state": UNCERTAIN, "reason": f"Postal may have taken it ({detail}): not resent"}
             reason, stop = f"not attempted after an uncertain call ({result.code})", True
+        record = outbound.end_attempt(owner, msg_id, batch, number, result.outcome, detail, **end)
+        counts[result.outcome] += len(batch)
     if left:
         _not_sent(bridge, owner, msg_id, left, reason)
-    _drop_spool_when_done(bridge, owner, msg_id)
+        record = None  # changed: read again
+    _drop_spool_when_done(bridge, owner, msg_id, record)
     log.info("deliver: %s %s", msg_id, dict(counts))
     return dict(counts)
 
@@ -240,8 +247,9 @@ def _not_sent(bridge: Bridge, owner: str, msg_id: str, addresses: list[str], rea
     return {"failed": len(addresses)}
 
 
-def _settle_interrupted(bridge: Bridge, owner: str, msg_id: str, record: dict[str, Any]) -> None:
-    """An attempt still marked ``sending`` belongs to a worker that died during its call: ``uncertain``."""
+def _settle_interrupted(bridge: Bridge, owner: str, msg_id: str, record: dict[str, Any]) -> bool:
+    """An attempt still marked ``sending`` belongs to a worker that died during its call: ``uncertain``.
+    True if there was one (the record changed)."""
     interrupted: dict[int, list[str]] = defaultdict(list)
     for entry in record["recipients"]:
         for attempt in entry["attempts"]:
@@ -252,10 +260,12 @@ def _settle_interrupted(bridge: Bridge, owner: str, msg_id: str, record: dict[st
         bridge.outbound.end_attempt(owner, msg_id, addresses, number, "interrupted", note)
         reason = "interrupted while handing it to Postal: not resent"
         bridge.outbound.set_states(owner, msg_id, addresses, UNCERTAIN, reason)
+    return bool(interrupted)
 
 
-def _drop_spool_when_done(bridge: Bridge, owner: str, msg_id: str) -> None:
-    record = bridge.outbound.get(owner, msg_id)
+def _drop_spool_when_done(bridge: Bridge, owner: str, msg_id: str, record: dict[str, Any] | None = None) -> None:
+    """Delete the spool copy unless a recipient of ``record`` (read when not given) still needs it."""
+    record = record if record is not None else bridge.outbound.get(owner, msg_id)
     window = bridge.settings.uncertain_window
     if record is None or not any(_needs_spool(e, window) for e in record["recipients"]):
         bridge.spool.delete(owner, msg_id)

@@ -4,11 +4,16 @@ The outbound path records a contact for every recipient an owner sends to; scree
 System of record: ``contacts/<owner>/<hex of the sender's e-mail lookup hash>.json`` (no plain
 addresses). Redis caches the set per owner (``contacts:<owner>``, complete once
 ``contacts:<owner>:loaded`` exists) and is rebuilt from the store when it lost it.
+
+Computing a lookup hash costs a scrypt, so the send path asks first, in one round trip, whether it
+recorded these addresses already (``contacts:<owner>:sent``: truncated SHA-256 digests of the
+lower-cased addresses, a hint only: when Redis lost it, the contacts job just runs again).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from collections.abc import Iterable
@@ -75,6 +80,30 @@ class ContactBook:
         except REDIS_ERRORS as exc:
             raise RedisUnavailable("redis unavailable") from exc
 
+    def unrecorded(self, owner_address: str, addresses: Iterable[str]) -> list[str]:
+        """The ``addresses`` the send path has not recorded as contacts yet (one Redis round trip)."""
+        wanted = list(dict.fromkeys(a.lower() for a in addresses))
+        if not wanted:
+            return []
+        try:
+            flags = self._redis.smismember(self._key(owner_address) + ":sent", [_digest(a) for a in wanted])
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        return [address for address, flag in zip(wanted, flags, strict=True) if not flag]
+
+    def mark_recorded(self, owner_address: str, addresses: Iterable[str]) -> None:
+        """Note that ``addresses`` are recorded (after ``record_many``), so the send path skips them."""
+        digests = {_digest(a.lower()) for a in addresses}
+        if digests:
+            try:
+                self._redis.sadd(self._key(owner_address) + ":sent", *digests)
+            except REDIS_ERRORS as exc:
+                raise RedisUnavailable("redis unavailable") from exc
+
     @staticmethod
     def _key(owner_address: str) -> str:
         return f"{PREFIX}contacts:{owner_address}"
+
+
+def _digest(address: str) -> str:
+    return hashlib.sha256(address.encode()).hexdigest()[:32]

@@ -134,19 +134,19 @@ class OutboundStore:
             raise ValueError(f"unknown state {state!r}")
         wanted = list(addresses)
         moved: list[str] = []
+        self._update(owner, msg_id, lambda record: moved.extend(self._move_many(record, wanted, state, reason)))
+        return moved
 
-        def change(record: dict[str, Any]) -> None:
-            unknown: set[str] = set()
-            for address, found in zip(wanted, entries(record, wanted), strict=True):
-                if may_move(found["state"], state):
-                    move(found, state, reason)
-                    moved.append(address)
-                if state == UNCERTAIN and found["postal"] is None:
-                    unknown.add(found["address"].lower())
-            if unknown:
-                self._drain_pending(record, lambda e: e.to.lower() in unknown)
-
-        self._update(owner, msg_id, change)
+    def _move_many(self, record: dict[str, Any], addresses: list[str], state: str, reason: str | None) -> list[str]:
+        moved, unknown = [], set()
+        for address, found in zip(addresses, entries(record, addresses), strict=True):
+            if may_move(found["state"], state):
+                move(found, state, reason)
+                moved.append(address)
+            if state == UNCERTAIN and found["postal"] is None:
+                unknown.add(found["address"].lower())
+        if unknown:
+            self._drain_pending(record, lambda e: e.to.lower() in unknown)
         return moved
 
     def start_attempt(self, owner: str, msg_id: str, addresses: Iterable[str]) -> int:
@@ -169,9 +169,23 @@ class OutboundStore:
         return numbers[0]
 
     def end_attempt(
-        self, owner: str, msg_id: str, addresses: Iterable[str], number: int, outcome: str, detail: str | None = None
+        self,
+        owner: str,
+        msg_id: str,
+        addresses: Iterable[str],
+        number: int,
+        outcome: str,
+        detail: str | None = None,
+        *,
+        postal: Mapping[str, Mapping[str, Any]] | None = None,
+        state: str | None = None,
+        reason: str | None = None,
     ) -> dict[str, Any]:
-        """Record how attempt ``number`` ended (``accepted``, ``refused``, ``temporary``, ``ambiguous``...)."""
+        """Record how attempt ``number`` ended (``accepted``, ``refused``, ``temporary``, ``ambiguous``...),
+        and in the same update what it means: Postal's ids (``postal``, as ``record_postal``) or a
+        ``state`` with its ``reason`` (as ``set_states``). One write after each call to Postal."""
+        if state is not None and state not in RANK:
+            raise ValueError(f"unknown state {state!r}")
         wanted = [a.lower() for a in addresses]
 
         def change(record: dict[str, Any]) -> None:
@@ -179,23 +193,26 @@ class OutboundStore:
                 for attempt in found["attempts"]:
                     if attempt["n"] == number:
                         attempt |= {"ended_at": time.time(), "outcome": outcome, "detail": cut(detail)}
+            if postal is not None:
+                self._accept(record, postal)
+            if state is not None:
+                self._move_many(record, wanted, state, reason)
 
         return self._update(owner, msg_id, change)
 
     def record_postal(self, owner: str, msg_id: str, messages: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """Postal's send answer ``data.messages`` (``{rcpt: {"id", "token"}}``): ``accepted``, indexed,
         and the events that arrived before this answer was recorded applied now."""
+        return self._update(owner, msg_id, lambda record: self._accept(record, messages))
+
+    def _accept(self, record: dict[str, Any], messages: Mapping[str, Mapping[str, Any]]) -> None:
         by_address = {rcpt.strip().lower(): ids for rcpt, ids in messages.items()}
-
-        def change(record: dict[str, Any]) -> None:
-            for found, ids in zip(entries(record, list(by_address)), by_address.values(), strict=True):
-                found["postal"] = {"id": int(ids["id"]), "token": str(ids["token"])}
-                if may_move(found["state"], ACCEPTED):
-                    move(found, ACCEPTED, None)
-            recorded = {int(ids["id"]) for ids in by_address.values()}
-            self._drain_pending(record, lambda e: e.postal_id in recorded)
-
-        return self._update(owner, msg_id, change)
+        for found, ids in zip(entries(record, list(by_address)), by_address.values(), strict=True):
+            found["postal"] = {"id": int(ids["id"]), "token": str(ids["token"])}
+            if may_move(found["state"], ACCEPTED):
+                move(found, ACCEPTED, None)
+        recorded = {int(ids["id"]) for ids in by_address.values()}
+        self._drain_pending(record, lambda e: e.postal_id in recorded)
 
     def reopen(self, owner: str, msg_id: str, address: str, reason: str | None = None) -> dict[str, Any]:
         """The owner's explicit resend: back to ``queued`` whatever the state, Postal ids forgotten."""
