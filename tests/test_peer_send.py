@@ -255,7 +255,8 @@ def test_a_mailio_recipient_gets_an_envelope_sealed_to_its_key_and_is_accepted_o
     assert message["body"]["recipients"][0]["header"]["kid"] == kid
     assert b"sealed hello" in _opened(payload, bob_keys, bob)
     # Where it went, so that only that server's signed delivery message may move it on.
-    assert (entry["peer"], entry["did"]) == ({"host": peer.domain, "address": bob_keys.address}, kid)
+    wanted = {"host": peer.domain, "address": bob_keys.address, "sealed_by": "server"}
+    assert (entry["peer"], entry["did"]) == (wanted, kid)
     assert not bridge.spool.exists(owner.mailbox.address, msg_id)  # handed over: the plaintext is gone
 
 
@@ -424,6 +425,7 @@ def test_a_client_sealed_body_is_sent_as_sealed_trimmed_to_the_hosts_recipients(
     run_worker(bridge)
     entry = _entry(bridge, owner, msg_id, bob)
     assert entry["state"] == ACCEPTED and "sealed by the owner's client" in entry["reason"]
+    assert entry["peer"]["sealed_by"] == "client"
     [payload] = peer.received
     body = payload["didCommMessage"]["body"]
     assert [r["header"]["kid"] for r in body["recipients"]] == [did_web(peer.domain, bob_keys.address)]

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 MAILIO_JOB = "bridge.jobs.peer_outbound.deliver_mailio"
 MAILIO_TIMEOUT = 900  # per host: discovery, a DID lookup and a post, each bounded by BRIDGE_PEER_TIMEOUT
-SEALED_BY_CLIENT = "client"
+SEALED_BY_CLIENT, SEALED_BY_SERVER = "client", "server"
 
 
 def mailio_ready(bridge: Bridge) -> bool:
@@ -104,7 +104,8 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
             by_host[str(found.host)].append(found)
     from_did = did_web(bridge.settings.domain, owner)
     for host, group in by_host.items():
-        _note_peers(bridge, owner, msg_id, group)  # before posting: its delivery message may beat the receipt
+        sealed_by = SEALED_BY_CLIENT if isinstance(body, dict) else SEALED_BY_SERVER
+        _note_peers(bridge, owner, msg_id, group, sealed_by)  # before posting: the delivery may beat the receipt
         outcome, how, covered = _send_to_host(peer, host, msg_id, from_did, body, group)
         for item in group:
             if isinstance(outcome, Sent) and item.kid in covered:
@@ -125,16 +126,17 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
     return dict(counts)
 
 
-def _note_peers(bridge: Bridge, owner: str, msg_id: str, group: list[Resolution]) -> None:
-    """Record on each entry where it is sent (``peer``: host and 0x address, ``did``): only that server's
-    signed delivery message may then change its state (``bridge.peer_inbound.apply_delivery``)."""
+def _note_peers(bridge: Bridge, owner: str, msg_id: str, group: list[Resolution], sealed_by: str) -> None:
+    """Record on each entry where it is sent (``peer``: host and 0x address, ``did``), so that only that
+    server's signed delivery message may change its state (``bridge.peer_inbound.apply_delivery``), and who
+    sealed what it receives (``peer.sealed_by``: ``client`` or ``server``; the reason changes later)."""
     wanted = {item.address.lower(): item for item in group}
 
     def change(record: dict[str, Any]) -> None:
         for entry in record["recipients"]:
             item = wanted.get(entry["address"].lower())
             if item is not None and item.kid:
-                entry["peer"] = {"host": item.host, "address": item.kid.rpartition("#")[2]}
+                entry["peer"] = {"host": item.host, "address": item.kid.rpartition("#")[2], "sealed_by": sealed_by}
                 entry["did"] = item.kid
 
     # The store has no public setter for this yet; _update is its one locked read-modify-write.
