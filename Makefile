@@ -27,6 +27,7 @@ test: apt-test $(VENV)/.test-deps tests/referee/node_modules/.installed
 bench: apt-test $(VENV)/.test-deps
 	$(PY) -m bench
 	$(PY) -m bench.outbound
+	$(PY) -m bench.mtp
 
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check bridge tests bench wsgi.py gunicorn.conf.py

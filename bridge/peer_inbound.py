@@ -11,9 +11,10 @@ Order matters; nothing is stored until the last step, and every step is safe to 
    ``BRIDGE_MTP_TIME_WINDOW`` (403), ``from`` on ``senderDomain`` (403);
 4. count it against ``senderDomain``'s ``BRIDGE_MTP_RATE_LIMIT`` per minute (429). Counted after the
    signature verifies, so a forger cannot spend a real peer's budget;
-5. a message or handshake request: its (senderDomain, id) is looked up in the replay cache, then the
-   verified envelope is written create-only to the object store (the durable dedupe) and the filing
-   job is queued (``bridge.jobs.peer_inbound``). A delivery message is applied to our outbound record
+5. a message or handshake request: its (senderDomain, id) is looked up in the replay cache (with the
+   rate count, one round trip), then the verified envelope is written create-only to the object store
+   (the durable dedupe) and noted for the draining filing job (``bridge.jobs.peer_inbound``), which is
+   queued unless one is. A delivery message is applied to our outbound record
    at once (``apply_delivery``).
 
 **A repeated id is answered 202 (idempotent), with a fresh signed receipt for the same id, and stores
@@ -62,6 +63,9 @@ log = logging.getLogger(__name__)
 
 ENVELOPES = "mtp/inbound/"
 SEEN = PREFIX + "mtp:seen:"
+UNFILED = PREFIX + "mtp:unfiled"
+DRAIN_FLAG = PREFIX + "mtp:drain"
+DRAIN_SECONDS = 120
 RATE = PREFIX + "mtp:rate:"
 REFRESH = PREFIX + "mtp:refresh:"
 #: A forced fresh discovery per sender domain at most this often (after a signature failed).
@@ -133,18 +137,22 @@ def authenticate(bridge: Bridge, body: bytes, payload_key: str) -> tuple[mtp.Sig
     return signed, mtp.verify(signed, _published_key(bridge, signed.sender_domain, fresh=True))
 
 
-def check_rate(bridge: Bridge, domain: str) -> None:
-    """Fixed one-minute windows per sender domain; 429 above BRIDGE_MTP_RATE_LIMIT."""
+def check_rate(bridge: Bridge, domain: str, *, seen_id: str | None = None) -> bool:
+    """Count a request against ``domain``'s BRIDGE_MTP_RATE_LIMIT per fixed minute (429 above), and say in
+    the same round trip whether the envelope ``seen_id`` is in the replay cache."""
     key = f"{RATE}{domain}:{int(time.time() // 60)}"
     try:
         pipe = bridge.redis.pipeline(transaction=False)
         pipe.incr(key)
         pipe.expire(key, 120)
-        count = pipe.execute()[0]
+        if seen_id is not None:
+            pipe.exists(SEEN + seen_id)
+        answers = pipe.execute()
     except REDIS_ERRORS as exc:
         raise RedisUnavailable("redis unavailable") from exc
-    if int(count) > bridge.settings.mtp_rate_limit:
+    if int(answers[0]) > bridge.settings.mtp_rate_limit:
         raise mtp.MtpError(429, f"more than {bridge.settings.mtp_rate_limit} requests a minute from senderDomain")
+    return seen_id is not None and bool(answers[2])
 
 
 # --- POST /api/v1/mtp/message ------------------------------------------------------------------
@@ -158,8 +166,8 @@ def accept_message(bridge: Bridge, body: bytes) -> Accepted:
     message = parse_message_request(payload)
     check_fresh(message.timestamp, now_ms(), bridge.settings.mtp_time_window)
     check_sender(message, domain)
-    check_rate(bridge, domain)
     if message.intent == mtp.INTENT_DELIVERY:
+        check_rate(bridge, domain)
         changed = apply_delivery(bridge, domain, message)
         log.info("mtp delivery message from %s: %d recipient states changed", domain, changed)
         return Accepted(message.id)
@@ -167,14 +175,11 @@ def accept_message(bridge: Bridge, body: bytes) -> Accepted:
 
 
 def _store(bridge: Bridge, signed: mtp.SignedRequest, domain: str, message: ReceivedMessage) -> Accepted:
+    """One Redis round trip to count and look the id up, the create-only envelope, one more to note it."""
     eid = envelope_id(domain, message.id)
-    window = bridge.settings.mtp_time_window
-    try:
-        if bridge.redis.exists(SEEN + eid):
-            log.info("mtp message %s from %s: a repeated id, nothing stored", eid, domain)
-            return Accepted(message.id, duplicate=True)
-    except REDIS_ERRORS as exc:
-        raise RedisUnavailable("redis unavailable") from exc
+    if check_rate(bridge, domain, seen_id=eid):
+        log.info("mtp message %s from %s: a repeated id, nothing stored", eid, domain)
+        return Accepted(message.id, duplicate=True)
     envelope = {
         "sender_domain": domain,
         "id": message.id,
@@ -183,21 +188,36 @@ def _store(bridge: Bridge, signed: mtp.SignedRequest, domain: str, message: Rece
         "signature": base64.b64encode(signed.signature).decode("ascii"),
     }
     created = bridge.objects.create(f"{ENVELOPES}{eid}.json", json.dumps(envelope, separators=(",", ":")).encode())
+    # Noted again for a repeat that found the envelope still there: the first request may have died before
+    # noting it, and filing twice files nothing twice.
+    note_stored(bridge, [eid], seen_seconds=2 * bridge.settings.mtp_time_window + 60)
+    log.info("mtp message %s from %s: %s", eid, domain, "stored" if created else "a repeated id, noted again")
+    return Accepted(message.id, duplicate=not created)
+
+
+def note_stored(bridge: Bridge, eids: list[str], *, seen_seconds: int | None = None) -> None:
+    """Note stored envelopes for the filing job (one round trip) and queue it unless one is queued.
+
+    Like Postal deliveries, MTP messages are filed in batches by one draining job: an RQ job per message
+    would cost more than receiving it.
+    """
     try:
-        bridge.redis.set(SEEN + eid, "1", ex=2 * window + 60)
+        pipe = bridge.redis.pipeline(transaction=False)
+        for eid in eids:
+            if seen_seconds is not None:
+                pipe.set(SEEN + eid, "1", ex=seen_seconds)
+            pipe.zadd(UNFILED, {eid: time.time()}, nx=True)
+        pipe.set(DRAIN_FLAG, "1", nx=True, ex=DRAIN_SECONDS)
+        queue_one = pipe.execute()[-1]
     except REDIS_ERRORS as exc:
         raise RedisUnavailable("redis unavailable") from exc
-    # Queued again for a repeat that found the envelope still there: the first request may have died
-    # before queueing it, and filing twice files nothing twice.
-    enqueue(
-        bridge,
-        "bridge.jobs.peer_inbound.file_peer_message",
-        eid,
-        job_timeout=FILING_TIMEOUT,
-        retry_intervals=FILING_RETRIES,
-    )
-    log.info("mtp message %s from %s: %s", eid, domain, "stored" if created else "a repeated id, queued again")
-    return Accepted(message.id, duplicate=not created)
+    if queue_one:
+        enqueue(
+            bridge,
+            "bridge.jobs.peer_inbound.file_peer_messages",
+            job_timeout=FILING_TIMEOUT,
+            retry_intervals=FILING_RETRIES,
+        )
 
 
 def signed_receipt(bridge: Bridge, msg_id: str) -> dict[str, Any]:

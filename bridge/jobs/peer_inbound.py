@@ -30,6 +30,7 @@ from typing import Any
 
 from bridge import context
 from bridge.context import Bridge
+from bridge.errors import RedisUnavailable
 from bridge.inbound import enqueue
 from bridge.mailio import mtp
 from bridge.mailio.did import parse_did_document
@@ -38,18 +39,62 @@ from bridge.mailio.peers import PeerError, PeerRefused
 from bridge.mailio.received import ReceivedMessage, nonce_of, parse_message_request
 from bridge.mailio.server_key import server_address
 from bridge.mailio.status import StatusCode, code
-from bridge.peer_inbound import ENVELOPES, now_ms, server_key
+from bridge.peer_inbound import DRAIN_FLAG, DRAIN_SECONDS, ENVELOPES, UNFILED, note_stored, now_ms, server_key
 from bridge.screening import SenderStanding, classify
+from bridge.store.index import REDIS_ERRORS, as_text
 from bridge.store.messages import STATUS_FILED
 
 log = logging.getLogger(__name__)
 
 DELIVERIES = "mtp/delivery/"
 DELIVERY_TIMEOUT = 120
+BATCH = 100
 
 
 class DeliveryNotSent(Exception):
     """The delivery message did not get a verified 2xx receipt yet: RQ retries the job."""
+
+
+def file_peer_messages() -> int:
+    """Drain the noted envelopes (``bridge.peer_inbound.note_stored``); returns how many copies were filed.
+
+    Each envelope leaves the set only once it is filed, so a job that dies leaves the rest for the next.
+    The drain flag follows ``MailIndex.release_drain``'s protocol, so every noted envelope is seen by this
+    job or by one a request queues.
+    """
+    bridge = context.current()
+    total = 0
+    while True:
+        try:
+            pipe = bridge.redis.pipeline(transaction=False)
+            pipe.expire(DRAIN_FLAG, DRAIN_SECONDS)
+            pipe.zrange(UNFILED, 0, BATCH - 1)
+            eids = [as_text(e) for e in pipe.execute()[-1]]
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+        for eid in eids:
+            total += file_peer_message(eid)
+            bridge.redis.zrem(UNFILED, eid)
+        if eids:
+            continue
+        try:
+            bridge.redis.delete(DRAIN_FLAG)
+            if bridge.redis.zcard(UNFILED) == 0 or not bridge.redis.set(DRAIN_FLAG, "1", nx=True, ex=DRAIN_SECONDS):
+                return total
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+
+
+def requeue_stored() -> int:
+    """Note every envelope still in the store for filing (after Redis lost its data); returns how many.
+
+    For the worker's sweeper or an operator: stored envelopes are never lost, only their note in Redis.
+    """
+    bridge = context.current()
+    eids = [key.rsplit("/", 1)[1].removesuffix(".json") for key in bridge.objects.list(ENVELOPES)]
+    if eids:
+        note_stored(bridge, eids)
+    return len(eids)
 
 
 def file_peer_message(eid: str) -> int:
