@@ -5,22 +5,19 @@ CBOR, its key from DNS), counted against the same per-domain rate limit, the ``l
 inside the window; answered with our signed ``didLookupResponse`` / ``handshakeResponse`` (mtp-wire.md
 sections 6 and 7). What they disclose, and no more:
 
-* ``/did``: a mailbox's DID document only for an e-mail lookup hash the asker sends, i.e. for an address
-  it already knows; unknown hashes come back as asked (``notFoundLookups``). Nothing lists mailboxes.
-  Hashes of our mailboxes' addresses and aliases are computed once (scrypt, cached by ``SenderHashes``)
-  and kept in each process for ``INDEX_SECONDS``. Our CBOR carries the real document, so the signature
-  covers the DID and its keys (the reference's does not).
+* ``/did``: a mailbox's DID document only for an address the asker sends together with its e-mail
+  lookup hash, i.e. one it already knows; anything else comes back as asked (``notFoundLookups``).
+  Nothing lists mailboxes, and the directory is never hashed as a whole (``_owner``). Our CBOR carries
+  the real document, so the signature covers the DID and its keys (the reference's does not).
 * ``/handshake``: only the handshake an owner signed for the *asking* sender, whose key is
   ``did:web:<senderDomain>#<senderAddress>``: a server can learn its own senders' standing, never anyone
-  else's. The owner is named by ``address`` or ``emailHash``; an ``id`` that is not that handshake's id
-  finds nothing.
+  else's. The owner is named by ``address`` or by ``email`` with its ``emailHash``; an ``id`` that is not
+  that handshake's id finds nothing.
 """
 
 from __future__ import annotations
 
 import base64
-import threading
-import time
 from typing import Any
 
 from bridge.context import Bridge
@@ -31,13 +28,10 @@ from bridge.mailio.identity import handshake_id, is_mailio_address
 from bridge.mailio.received import check_fresh
 from bridge.mailio.server_key import server_address
 from bridge.peer_inbound import authenticate, check_rate, now_ms, server_key
+from bridge.store.mailboxes import Mailbox
 
 #: Look-ups one request may carry (the reference asks per recipient of one message).
-MAX_LOOKUPS = 100
-INDEX_SECONDS = 60.0
-
-_index_lock = threading.Lock()
-_index: dict[int, tuple[float, dict[str, str]]] = {}
+MAX_LOOKUPS = 50
 
 
 def _bad(message: str) -> mtp.MtpError:
@@ -66,29 +60,33 @@ def _checked(bridge: Bridge, body: bytes, payload_key: str, list_key: str) -> tu
     return domain, payload, items
 
 
-def _owners_by_hash(bridge: Bridge) -> dict[str, str]:
-    """E-mail lookup hash -> mailbox address, for every mailbox's address and aliases (per process, briefly)."""
-    with _index_lock:
-        cached = _index.get(id(bridge))
-        if cached is not None and time.monotonic() - cached[0] < INDEX_SECONDS:
-            return cached[1]
-        owners = {email: m.address for m in bridge.mailboxes.all() for email in (m.email, *m.aliases)}
-        hashes = bridge.sender_hashes.lookup_hashes(owners)
-        index = {hashes[email]: address for email, address in owners.items()}
-        _index[id(bridge)] = (time.monotonic(), index)
-        return index
+def _owner(bridge: Bridge, email: Any, email_hash: Any) -> Mailbox | None:
+    """The mailbox of the address the asker sends, if the asker's hash is that address's lookup hash.
+
+    Resolving by the address (the reference always sends it with the hash) means we never hash our
+    whole directory to find a hash: one scrypt per real mailbox asked about, cached in Redis for every
+    process (``SenderHashes``); an unknown address costs one store read and no scrypt. Not cached in
+    this process, so peers' questions cannot grow its memory.
+    """
+    if not isinstance(email, str) or not isinstance(email_hash, str) or not email or not email_hash:
+        return None
+    if len(email) > 320 or len(email_hash) > 100:
+        raise _bad("a look-up's email or emailHash is too long")
+    mailbox = bridge.mailboxes.resolve(email, cached=False)
+    if mailbox is None:
+        return None
+    return mailbox if bridge.sender_hashes.lookup_hashes([email])[email.lower()] == email_hash else None
 
 
 def answer_did_lookup(bridge: Bridge, body: bytes) -> dict[str, Any]:
     _, _, items = _checked(bridge, body, mtp.DID_LOOKUP_REQUEST, "didLookups")
     key = server_key(bridge)
-    owners = _owners_by_hash(bridge) if items else {}
     found, missing = [], []
     for item in items:
         email_hash, email = item.get("emailHash"), item.get("email", "")
-        if not isinstance(email_hash, str) or not isinstance(email, str) or len(email_hash) > 100 or len(email) > 320:
-            raise _bad("didLookups has an entry whose emailHash or email is not short text")
-        mailbox = bridge.mailboxes.get(owners[email_hash]) if email_hash in owners else None
+        if not isinstance(email_hash, str) or not isinstance(email, str):
+            raise _bad("didLookups has an entry whose emailHash or email is not text")
+        mailbox = _owner(bridge, email, email_hash)
         if mailbox is None:
             missing.append(lookups.did_lookup(email_hash, email))
             continue
@@ -113,15 +111,14 @@ def answer_handshake_lookup(bridge: Bridge, body: bytes) -> dict[str, Any]:
     if not is_mailio_address(sender_address):
         raise _bad("senderAddress is not a 0x address")
     sender_key = f"did:web:{domain}#{sender_address}"
-    owners: dict[str, str] | None = None
     answers = []
     for item in items:
         address, email_hash, wanted = item.get("address"), item.get("emailHash"), item.get("id")
         if is_mailio_address(address):
-            owner = address
+            owner: str | None = address
         elif isinstance(email_hash, str) and email_hash:
-            owners = _owners_by_hash(bridge) if owners is None else owners
-            owner = owners.get(email_hash)
+            mailbox = _owner(bridge, item.get("email"), email_hash)
+            owner = mailbox.address if mailbox else None
         else:
             raise _bad("a handshake look-up needs address or emailHash")
         if owner is None:

@@ -319,6 +319,23 @@ def test_a_replayed_id_is_answered_again_and_filed_once(
     assert stored_envelopes(bridge) == []
 
 
+def test_a_stored_envelope_survives_redis_losing_its_note(
+    client: Any, bridge: Bridge, owner: Owner, peer: Peer
+) -> None:
+    from bridge.jobs.peer_inbound import requeue_stored
+    from bridge.peer_inbound import DRAIN_FLAG, UNFILED
+
+    assert post(client, peer.envelope(request_payload(peer, jwe_to(owner)))).status_code == 202
+    bridge.redis.delete(UNFILED, DRAIN_FLAG)  # Redis lost the note and the queued job
+    bridge.queue.empty()
+    run_worker(bridge)
+    assert listing(client, owner, "other") == []
+    assert requeue_stored() == 1
+    run_worker(bridge)
+    assert len(listing(client, owner, "other")) == 1
+    assert stored_envelopes(bridge) == []
+
+
 def test_the_sender_key_is_looked_up_again_after_a_rotation(
     client: Any, bridge: Bridge, owner: Owner, peer: Peer, knot_dns: Any
 ) -> None:
@@ -503,7 +520,12 @@ def test_did_lookup_answers_only_for_a_known_hash(
             "emailLookupHashScheme": "SC_N32768_R8_P1_L32_B64",
             "timestamp": now_ms(),
         },
-        "didLookups": [{"emailHash": known, "email": owner.mailbox.email}, {"emailHash": unknown, "email": ""}],
+        "didLookups": [
+            {"emailHash": known, "email": owner.mailbox.email},
+            {"emailHash": unknown, "email": f"nobody@{DOMAIN}"},
+            {"emailHash": unknown, "email": owner.mailbox.email},  # a hash that is not this address's
+            {"emailHash": known, "email": ""},  # a bare hash: never looked for by scanning the directory
+        ],
     }
     response = post(client, peer.signed("didLookupRequest", payload), "/api/v1/mtp/did")
     assert response.status_code == 200, response.get_json()
@@ -515,7 +537,7 @@ def test_did_lookup_answers_only_for_a_known_hash(
         found["didDocument"]["keyAgreement"][0]["publicKeyJwk"]["x"]
         == base64.urlsafe_b64encode(owner.keys.x25519_public).rstrip(b"=").decode()
     )
-    assert answer["notFoundLookups"] == [{"emailHash": unknown, "email": ""}]
+    assert answer["notFoundLookups"] == payload["didLookups"][1:]
     forged = json.loads(peer.signed("didLookupRequest", payload))
     forged["signatureBase64"] = b64(Ed25519PrivateKey.generate().sign(b"x"))
     assert post(client, json.dumps(forged).encode(), "/api/v1/mtp/did").status_code == 401
