@@ -21,6 +21,9 @@ Why these choices:
   host (the test suite, a scale-out) would take it over, and stopping one would delete the other's.
   Each instance gets its own, named by the port it listens on, under BRIDGE_DATA_DIR/run (none at
   all when that path is too long for a Unix socket).
+* ``logger_class``: gunicorn's error log in the bridge's format (JSON lines unless
+  BRIDGE_LOG_FORMAT=text), like the app's own lines; the access log (stdout) is JSON lines too,
+  each with gunicorn's usual request line as its message.
 * metrics: every web process writes its counters into files under BRIDGE_DATA_DIR/metrics/web
   (``bridge.metrics``), emptied when this master starts; ``child_exit`` tells prometheus-client that
   a process died, so a scrape answered by any process shows the totals of all of them.
@@ -29,7 +32,9 @@ Why these choices:
 import sys
 from pathlib import Path
 
-from bridge import metrics
+from gunicorn.glogging import Logger
+
+from bridge import logs, metrics
 from bridge.settings import Settings, SettingsError
 
 try:
@@ -45,6 +50,16 @@ timeout = 60
 graceful_timeout = 10
 keepalive = 5
 accesslog = "-"
+
+
+class BridgeLogger(Logger):
+    def setup(self, cfg: object) -> None:
+        super().setup(cfg)
+        for handler in (*self.error_log.handlers, *self.access_log.handlers):
+            handler.setFormatter(logs.formatter(_settings.log_format))
+
+
+logger_class = BridgeLogger
 
 _run_dir = Path(_settings.data_dir) / "run"
 _run_dir.mkdir(parents=True, exist_ok=True)

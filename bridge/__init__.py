@@ -21,7 +21,10 @@ log = logging.getLogger("bridge")
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """JSON lines (or text, BRIDGE_LOG_FORMAT) on stderr, the same in web and worker (``bridge.logs``)."""
+    from bridge import logs
+
+    logs.configure(settings.log_level, settings.log_format)
     # dkimpy logs every sender's broken signature at ERROR: the verdict on the record says it all.
     logging.getLogger("dkimpy").setLevel(logging.CRITICAL)
 

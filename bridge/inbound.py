@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bridge import metrics
+from bridge import logs, metrics
 from bridge.context import Bridge
 from bridge.dns import dns_budget
 from bridge.errors import RedisUnavailable
@@ -168,6 +168,7 @@ def enqueue(
             result_ttl=60,
             failure_ttl=7 * 86400,
             retry=Retry(max=len(retry_intervals), interval=list(retry_intervals)),
+            meta={"request_id": logs.current_request_id()},  # the worker's lines about it carry the same id
         )
     except REDIS_ERRORS as exc:
         raise RedisUnavailable("redis unavailable") from exc

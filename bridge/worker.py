@@ -31,7 +31,7 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 
-from bridge import context, metrics
+from bridge import context, logs, metrics
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable
 from bridge.inbound import enqueue_filing
@@ -72,8 +72,12 @@ class BridgeWorker(SimpleWorker):
     """RQ's SimpleWorker, with Redis loss turned into a quiet end of ``work()`` (the caller restarts it)."""
 
     queue_class = _Queue
+    def perform_job(self, job: Any, queue: Queue) -> bool:
+        with logs.job_context(job.id, job.meta.get("request_id")):
+            return bool(super().perform_job(job, queue))
 
     def __init__(self, *args: Any, stopping: threading.Event, **kwargs: Any) -> None:
+        kwargs.setdefault("log_job_description", False)  # RQ would log each job's arguments: an address, say
         super().__init__(*args, **kwargs)
         self.stopping = stopping
         self.redis_lost = False

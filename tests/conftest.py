@@ -7,6 +7,7 @@ tests/dns_server.py; the Postal simulator in tests/postal_sim.py.
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,9 +24,37 @@ from bridge.context import Bridge
 from bridge.mailio.identity import UserKeys, generate_user_keys
 from bridge.settings import Settings
 from bridge.store.mailboxes import Mailbox
+from tests.loghygiene import SessionLog, leaking_lines, process_logs, report
 from tests.postal_sim import PostalSigner
 
 pytest_plugins = ["tests.servers", "tests.dns_server", "tests.postal_api"]
+
+SESSION_LOG = SessionLog()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every line logged in this process goes through the log-hygiene check (``tests.loghygiene``)."""
+    root = logging.getLogger()
+    root.addHandler(SESSION_LOG)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)  # the bridge's default BRIDGE_LOG_LEVEL
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    SESSION_LOG.current_test = item.nodeid
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session if any line of this process or of a process a test started holds a secret."""
+    found = list(SESSION_LOG.found)
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None and factory._basetemp is not None:
+        found += list(leaking_lines(process_logs(factory.getbasetemp())))
+    if found:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"log hygiene: {len(found)} log line(s) hold what must never be logged:\n{report(found)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 DOMAIN = "mail.example.test"
 
@@ -137,7 +166,9 @@ def owner(bridge: Bridge) -> Owner:
 
 def run_worker(bridge: Bridge) -> None:
     """Run the real RQ worker until the queues are empty (jobs run in this process)."""
-    SimpleWorker([bridge.queue], connection=bridge.redis).work(burst=True, with_scheduler=False)
+    # As bridge.worker's does: RQ would log each job's arguments (a mailbox's address, say).
+    worker = SimpleWorker([bridge.queue], connection=bridge.redis, log_job_description=False)
+    worker.work(burst=True, with_scheduler=False)
 
 
 def b64(data: bytes) -> str:

@@ -61,64 +61,62 @@ def test_a_scrape_shows_the_totals_of_every_web_and_worker_process(environment, 
     bridge = Bridge(Settings.from_env(environment))
     make_owner(bridge, f"support@{DOMAIN}")
     web_files = Path(environment["BRIDGE_DATA_DIR"]) / "metrics" / "web"
-    with gunicorn_process(environment, tmp_path / "gunicorn.log") as (url, _pid):
-        readies = 0
+    with (tmp_path / "worker.log").open("wb") as log:  # its counters live in a directory of their own
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "worker"],
+            cwd=ROOT,
+            env={**os.environ, **environment, "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        with gunicorn_process(environment, tmp_path / "gunicorn.log") as (url, _pid):
 
-        def ready(_: int) -> int:
-            return requests.get(f"{url}/readyz", headers={"Connection": "close"}, timeout=10).status_code
+            def scrape() -> str:
+                return requests.get(f"{url}/metrics", headers={"Connection": "close"}, timeout=10).text
 
-        # New connections, many at once, until both web processes have counted some (each writes its own file).
-        with ThreadPoolExecutor(8) as pool:
-            while len({p.name.rsplit("_", 1)[1] for p in web_files.glob("counter_*.db")}) < 2:
-                assert readies < 400, "the second web process never answered"
-                assert set(pool.map(ready, range(16))) == {200}
-                readies += 16
-        stored = sum(len(base64.b64decode(payload(postal_id)["message"])) for postal_id in range(1, 6))
-        for postal_id in range(1, 6):
-            body, headers = delivery(postal_signer, postal_id)
-            assert requests.post(f"{url}/postal/inbound", data=body, headers=headers, timeout=10).text == "stored\n"
-        body, headers = delivery(postal_signer, 1)
-        assert requests.post(f"{url}/postal/inbound", data=body, headers=headers, timeout=10).text == "duplicate\n"
+            def ready(_: int) -> int:
+                return requests.get(f"{url}/readyz", headers={"Connection": "close"}, timeout=10).status_code
 
-        # Whichever process answers the scrape, it shows everyone's totals.
-        for _ in range(6):
-            text = requests.get(f"{url}/metrics", headers={"Connection": "close"}, timeout=10).text
-            assert value(text, "bridge_http_requests_total", route="/readyz", method="GET", status="200") == readies
-            assert value(text, "bridge_postal_deliveries_total", outcome="stored") == 5
-            assert value(text, "bridge_postal_deliveries_total", outcome="duplicate") == 1
-            assert value(text, "bridge_stored_message_bytes_total", source="postal") == stored
-        assert value(text, "bridge_unfiled_messages") == 5
-        assert value(text, "bridge_workers_alive") == 0 and value(text, "bridge_worker_heartbeat_age_seconds") == -1
-        assert "@" not in text and DOMAIN not in text  # no label carries an address or a user's domain
-
-        # The worker's counters (another process, with its own directory) join the web's totals.
-        with (tmp_path / "worker.log").open("wb") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "worker"],
-                cwd=ROOT,
-                env={**os.environ, **environment, "PYTHONPATH": str(ROOT)},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
+            # New connections, many at once, until both web processes have counted some (each has its own file).
+            readies = 0
+            with ThreadPoolExecutor(8) as pool:
+                while len({p.name.rsplit("_", 1)[1] for p in web_files.glob("counter_*.db")}) < 2:
+                    assert readies < 400, "the second web process never answered"
+                    assert set(pool.map(ready, range(16))) == {200}
+                    readies += 16
+            stored = sum(len(base64.b64decode(payload(postal_id)["message"])) for postal_id in range(1, 6))
+            for postal_id in range(1, 6):
+                body, headers = delivery(postal_signer, postal_id)
+                assert requests.post(f"{url}/postal/inbound", data=body, headers=headers, timeout=10).text == "stored\n"
+            body, headers = delivery(postal_signer, 1)
+            assert requests.post(f"{url}/postal/inbound", data=body, headers=headers, timeout=10).text == "duplicate\n"
 
             def filed() -> bool:
-                text = requests.get(f"{url}/metrics", timeout=10).text
-                return value(text, "bridge_filed_messages_total", job="file_unfiled") == 5
+                return value(scrape(), "bridge_filed_messages_total", job="file_unfiled") == 5
 
             assert wait_until(filed, 30, worker), (tmp_path / "worker.log").read_text()[-2000:]
-            text = requests.get(f"{url}/metrics", timeout=10).text
-            assert value(text, "bridge_unfiled_messages") == 0
+            # Whichever process answers the scrape, it shows everyone's totals: both web processes' and the worker's.
+            for _ in range(6):
+                text = scrape()
+                assert value(text, "bridge_http_requests_total", route="/readyz", method="GET", status="200") == readies
+                assert value(text, "bridge_postal_deliveries_total", outcome="stored") == 5
+                assert value(text, "bridge_postal_deliveries_total", outcome="duplicate") == 1
+                assert value(text, "bridge_stored_message_bytes_total", source="postal") == stored
+                assert value(text, "bridge_filed_messages_total", job="file_unfiled") == 5
+                assert value(text, "bridge_screening_decisions_total", folder="other", rule="screened") == 5
+            assert value(text, "bridge_filing_batch_duration_seconds_count", job="file_unfiled") >= 1
+            assert value(text, "bridge_unfiled_messages") == 0 and value(text, "bridge_unfiled_oldest_age_seconds") == 0
             assert value(text, "bridge_workers_alive") == 1
             assert 0 <= value(text, "bridge_worker_heartbeat_age_seconds") < 5
-            assert value(text, "bridge_filing_batch_duration_seconds_count", job="file_unfiled") >= 1
-            assert value(text, "bridge_screening_decisions_total", folder="other", rule="screened") == 5
-            assert value(text, "bridge_rq_queue_jobs", queue="bridge") == 0
-        finally:
+            assert "@" not in text and DOMAIN not in text  # no label carries an address or a user's domain
+
             stop_process(worker)
-        text = requests.get(f"{url}/metrics", timeout=10).text
-        assert value(text, "bridge_workers_alive") == 0  # a worker that stops says so at once
-        assert value(text, "bridge_filed_messages_total", job="file_unfiled") == 5  # its counts stay
+            text = scrape()
+            assert value(text, "bridge_workers_alive") == 0  # a worker that stops says so at once
+            assert value(text, "bridge_filed_messages_total", job="file_unfiled") == 5  # its counts stay
+    finally:
+        stop_process(worker)
 
 
 def test_the_backlog_grows_while_no_worker_runs_and_its_age_shows(client, bridge, owner, postal_signer):

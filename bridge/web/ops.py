@@ -44,7 +44,7 @@ from prometheus_client.registry import Collector
 from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
-from bridge import metrics
+from bridge import logs, metrics
 from bridge.context import Bridge
 from bridge.store.index import REDIS_ERRORS, UNFILED
 from bridge.store.objects import StorageUnavailable
@@ -105,6 +105,15 @@ def scrape() -> Response:
 @blueprint.before_app_request
 def _started() -> None:
     g.metrics_started = time.monotonic()
+    # Every line this request logs, and the jobs it queues, carry this id (``bridge.logs``).
+    g.request_id_token = logs.REQUEST_ID.set(logs.new_request_id(request.headers.get("X-Request-Id")))
+
+
+@blueprint.teardown_app_request
+def _finished(exc: BaseException | None) -> None:
+    token = g.pop("request_id_token", None)
+    if token is not None:
+        logs.REQUEST_ID.reset(token)  # gunicorn's threads serve one request after another
 
 
 @blueprint.after_app_request
@@ -113,6 +122,9 @@ def _count(response: Response) -> Response:
     route = request.url_rule.rule if request.url_rule is not None else "unmatched"
     method = request.method if request.method in _METHODS else "other"
     metrics.REQUESTS.labels(route=route, method=method, status=str(response.status_code)).inc()
+    request_id = logs.current_request_id()
+    if request_id:
+        response.headers["X-Request-Id"] = request_id
     started = g.get("metrics_started")
     if started is not None:
         metrics.REQUEST_SECONDS.labels(route=route).observe(time.monotonic() - started)
