@@ -65,11 +65,19 @@ def test_client_commands_find_the_bridge_from_the_environment_or_say_so(
         {"BRIDGE_PUBLIC_URL": live_url, "BRIDGE_LISTEN": "127.0.0.1:9"},  # the public URL comes first
         {"BRIDGE_API_URL": live_url, "BRIDGE_PUBLIC_URL": dead, "BRIDGE_LISTEN": "127.0.0.1:9"},
     ):
-        assert run(monkeypatch, capsys, {**token, **env}, "mail", "list") == (0, "", ""), env
+        found = run(monkeypatch, capsys, {**token, **env}, "mail", "list")
+        assert found == (0, "", "mailio-bridge: no messages in inbox"), env  # an empty answer says so
     code, _, err = run(monkeypatch, capsys, {**token, "BRIDGE_API_URL": dead}, "mail", "list")
     assert code == 1 and err.startswith(f"mailio-bridge: cannot reach {dead}")
     code, _, err = run(monkeypatch, capsys, token, "mail", "list")
     assert code == 1 and err.startswith("mailio-bridge: which bridge? give --url or set BRIDGE_API_URL")
+    missing = Path("/nonexistent/notes.txt")
+    attach = ("mail", "send", "--to", "kim@example.org", "--text", "hi", "--attach", str(missing))
+    assert run(monkeypatch, capsys, {**token, "BRIDGE_API_URL": live_url}, *attach) == (
+        1,
+        "",
+        f"mailio-bridge: cannot read {missing}: No such file or directory",
+    )
 
 
 def test_mail_read_names_the_file_or_the_key_problem(

@@ -23,6 +23,13 @@ class CommandError(Exception):
     """A command cannot do what was asked; the message is shown as one line."""
 
 
+def say_none(what: str) -> None:
+    """An empty answer says so on stderr (stdout keeps its JSON lines, none here), with exit status 0."""
+    import sys
+
+    print(f"mailio-bridge: {what}", file=sys.stderr)
+
+
 def open_bridge() -> Any:
     """The bridge as the web and worker processes see it, from the same settings."""
     from bridge.context import Bridge

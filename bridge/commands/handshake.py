@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from bridge.commands import CommandError, api, api_url, client_parser, load_key_file
+from bridge.commands import CommandError, api, api_url, client_parser, load_key_file, say_none
 
 
 def register(verbs: Any) -> None:
@@ -49,7 +49,10 @@ def cmd_handshake_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_handshake_list(args: argparse.Namespace) -> int:
-    for document in api("GET", args, "/api/v1/handshakes")["handshakes"]:
+    documents = api("GET", args, "/api/v1/handshakes")["handshakes"]
+    for document in documents:
         content = document["content"]
         print(json.dumps({k: content.get(k) for k in ("handshakeId", "status", "senderMetadata", "created")}))
+    if not documents:
+        say_none("no handshakes yet: `handshake approve SENDER --key FILE` makes one")
     return 0

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bridge.commands import CommandError, api, client_parser, load_key_file
+from bridge.commands import CommandError, api, client_parser, load_key_file, say_none
 
 
 def register(verbs: Any) -> None:
@@ -51,6 +51,8 @@ def cmd_mail_list(args: argparse.Namespace) -> int:
     data = api("GET", args, f"/api/v1/messages?folder={args.folder}")
     for record in data["messages"]:
         print(json.dumps(record))
+    if not data["messages"]:
+        say_none(f"no messages in {args.folder}")
     return 0
 
 
@@ -85,8 +87,10 @@ def cmd_mail_send(args: argparse.Namespace) -> int:
                 }
                 for path in args.attach
             ]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CommandError(f"cannot read a file: {exc.__class__.__name__}") from None
+    except OSError as exc:
+        raise CommandError(f"cannot read {exc.filename}: {exc.strerror or exc.__class__.__name__}") from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{args.html_file} is not UTF-8 text") from None
     print(json.dumps(api("POST", args, "/api/v1/messages", document)))
     return 0
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bridge.commands import CommandError, open_bridge, write_private_file
+from bridge.commands import CommandError, open_bridge, say_none, write_private_file
 
 
 def register(verbs: Any) -> None:
@@ -86,8 +86,11 @@ def cmd_mailbox_add(args: argparse.Namespace) -> int:
 
 
 def cmd_mailbox_list(args: argparse.Namespace) -> int:
-    for mailbox in _directory().all():
+    mailboxes = _directory().all()
+    for mailbox in mailboxes:
         print(json.dumps({"email": mailbox.email, "address": mailbox.address, "aliases": list(mailbox.aliases)}))
+    if not mailboxes:
+        say_none("no mailboxes yet: `mailbox add EMAIL` makes one")
     return 0
 
 
@@ -130,8 +133,12 @@ def cmd_mailbox_token(args: argparse.Namespace) -> int:
 
 def cmd_mailbox_tokens(args: argparse.Namespace) -> int:
     directory = _directory()
-    for token in directory.tokens.listing(_mailbox(directory, args.email).address):
+    mailbox = _mailbox(directory, args.email)
+    tokens = directory.tokens.listing(mailbox.address)
+    for token in tokens:
         print(json.dumps({k: _iso(v) if k != "name" else v for k, v in token.items()}))
+    if not tokens:
+        say_none(f"{mailbox.email} has no API tokens: `mailbox token EMAIL` issues one")
     return 0
 
 

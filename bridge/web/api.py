@@ -1,6 +1,8 @@
 """The mailbox owner's API: messages, folders, handshakes and handshake offers under ``/api/v1``.
 
-Authenticated by a bearer token (``python -m bridge mailbox token EMAIL``). A mailbox sees only
+Authenticated by a bearer token (``mailio-bridge mailbox token EMAIL``; ``bridge.store.tokens``: named,
+listed with its last use, revocable one by one, checked against the store on every request so that a
+revoked token is refused at once by every process). A mailbox sees only
 its own mail: every lookup is scoped to the token's mailbox, so another mailbox's message id
 is simply not found (404), never forbidden (which would confirm it exists).
 
@@ -11,7 +13,7 @@ code  when
 201   a new handshake stored, an offer created
 400   a bad query parameter or body (not JSON, nested too deeply to parse, wrong shape); a malformed
       handshake, or one dated more than a few minutes in the future
-401   no or unknown bearer token
+401   no, unknown or revoked bearer token (or its mailbox was removed)
 403   a handshake not signed by this mailbox's key, or older than the one stored
 404   no such message in this mailbox
 411   a request body without a Content-Length
