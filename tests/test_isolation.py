@@ -101,12 +101,13 @@ ROUTES = [
     ("api.create_handshake_offer", "POST", "/api/v1/handshake-offers", None),
     ("send.send_message", "POST", "/api/v1/messages", {"to": ["kim@example.org"], "subject": "s", "text": "t"}),
     ("send.resend_message", "POST", "/api/v1/messages/{mine}/resend", {"address": "kim@example.org"}),
+    ("recipients.resolve_recipients", "POST", "/api/v1/recipients/resolve", {"addresses": ["kim@example.org"]}),
 ]
 ROUTE_IDS = [route[0] for route in ROUTES]
 
 
 def test_the_table_covers_every_owner_endpoint(app: Flask) -> None:
-    endpoints = {rule.endpoint for rule in app.url_map.iter_rules() if rule.endpoint.startswith(("api.", "send."))}
+    endpoints = {rule.endpoint for rule in app.url_map.iter_rules() if rule.endpoint.startswith(("api.", "send.", "recipients."))}
     assert endpoints == set(ROUTE_IDS), "a new owner endpoint needs its row in ROUTES"
 
 
@@ -210,6 +211,7 @@ AS_STRANGER = {
     "api.create_handshake_offer": 201,  # an offer for its own mailbox
     "send.send_message": 202,  # its own message, from its own address
     "send.resend_message": 404,
+    "recipients.resolve_recipients": 200,  # its own look-up: routes, nothing of the owner's
 }
 
 

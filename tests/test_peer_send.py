@@ -385,7 +385,9 @@ def test_resolve_needs_the_owners_token(client: Any, owner: Owner, headers: dict
     assert peer.lookups == 0
 
 
-def test_resolve_refuses_malformed_input_and_answers_503_without_a_server_key(client: Any, owner: Owner) -> None:
+def test_resolve_refuses_malformed_input_and_answers_routes_only_without_a_server_key(
+    client: Any, owner: Owner, peer: FakePeer
+) -> None:
     for document, wanted in [
         ({"addresses": "bob@x.test"}, "give"),
         ({"addresses": []}, "give"),
@@ -395,8 +397,11 @@ def test_resolve_refuses_malformed_input_and_answers_503_without_a_server_key(cl
     ]:
         answer = client.post("/api/v1/recipients/resolve", json=document, headers=owner.auth)
         assert answer.status_code == 400 and wanted in answer.get_json()["error"]
-    answer = client.post("/api/v1/recipients/resolve", json={"addresses": ["bob@x.test"]}, headers=owner.auth)
-    assert answer.status_code == 503 and "server key" in answer.get_json()["error"]
+    answer = client.post("/api/v1/recipients/resolve", json={"addresses": [f"bob@{peer.domain}"]}, headers=owner.auth)
+    assert answer.status_code == 200
+    [found] = answer.get_json()["recipients"]
+    assert (found["route"], found["kid"]) == ("mailio", None) and "no server key" in found["reason"]
+    assert peer.lookups == 0
 
 
 # --- a body the owner's client sealed ------------------------------------------------------------------------

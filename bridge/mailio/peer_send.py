@@ -120,17 +120,24 @@ class PeerSender:
 
     # --- resolving ---------------------------------------------------------------------------------------
 
-    def resolve(self, sender_address: str, hashes: Mapping[str, str]) -> dict[str, Resolution]:
+    def resolve(
+        self, sender_address: str, hashes: Mapping[str, str], *, deadline: float | None = None
+    ) -> dict[str, Resolution]:
         """E-mail address -> :class:`Resolution`, one signed DID lookup per Mailio domain.
 
         ``hashes``: each address's e-mail lookup hash (``bridge.mailio.identity.email_lookup_hash``,
         which the caller caches); ``sender_address``: the owner's Mailio address, as the reference asks.
+        ``deadline`` (``time.monotonic()``): domains not asked by then answer ``temporary`` (a web request
+        must not wait on every slow peer in turn; each call is bounded by BRIDGE_PEER_TIMEOUT).
         """
         by_domain: dict[str, list[str]] = defaultdict(list)
         for address in hashes:
             by_domain[address.rpartition("@")[2].lower()].append(address)
         found: dict[str, Resolution] = {}
         for domain, addresses in by_domain.items():
+            if deadline is not None and time.monotonic() > deadline:
+                found |= {a: Resolution(a, TEMPORARY, "no time left to ask its server: ask again") for a in addresses}
+                continue
             try:
                 route = self.discovery.discover(domain)
             except InvalidDomain:
@@ -140,14 +147,16 @@ class PeerSender:
                 found |= {a: Resolution(a, route.route, route.reason) for a in addresses}
                 continue
             try:
-                found |= self._lookup(route, sender_address, {a: hashes[a] for a in addresses})
+                found |= self._lookup(route, sender_address, {a: hashes[a] for a in addresses}, deadline)
             except (PeerError, MtpError, ValueError) as exc:
                 temporary = _is_temporary(exc)
                 reason = f"DID lookup at {route.host} failed: {exc}"
                 found |= {a: Resolution(a, TEMPORARY if temporary else "none", reason) for a in addresses}
         return found
 
-    def _lookup(self, route: Route, sender_address: str, hashes: Mapping[str, str]) -> dict[str, Resolution]:
+    def _lookup(
+        self, route: Route, sender_address: str, hashes: Mapping[str, str], deadline: float | None = None
+    ) -> dict[str, Resolution]:
         host = str(route.host)
         lookups = [did_lookup(email_hash, address) for address, email_hash in hashes.items()]
         payload = did_lookup_request(sender_address, lookups, _now_ms())
@@ -166,6 +175,9 @@ class PeerSender:
             item = found_signed.get(email_hash)
             if item is None or item.get("supportsMailio") is not True:
                 result[address] = Resolution(address, MAILIO, f"no such Mailio user at {host} (5.1.1)", host=host)
+                continue
+            if deadline is not None and time.monotonic() > deadline:
+                result[address] = Resolution(address, TEMPORARY, "no time left to check its key: ask again")
                 continue
             twin_document = (twin_by_hash.get(email_hash) or {}).get("didDocument")
             try:

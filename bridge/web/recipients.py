@@ -16,7 +16,7 @@ code  when
       address nor a did:web
 401   no or unknown bearer token
 411   no Content-Length; 413 a body over the API's document limit
-503   Redis down, or this bridge has no server key to sign its look-ups with
+503   Redis down (without a server key: 200 with each route, no keys, and the reason)
 ====  ==============================================================================================
 """
 
@@ -31,8 +31,9 @@ from flask import Blueprint, Response, jsonify
 from bridge.context import Bridge
 from bridge.jobs.peer_outbound import SEALED_BY_CLIENT, sender
 from bridge.mail.compose import Outgoing
+from bridge.mailio.discovery import MAILIO, InvalidDomain
 from bridge.mailio.identity import did_web
-from bridge.mailio.peer_send import check_client_sealed
+from bridge.mailio.peer_send import Resolution, check_client_sealed
 from bridge.mailio.server_key import ServerKeyError
 from bridge.store.mailboxes import Mailbox
 from bridge.store.messages import STATUS_FILED
@@ -40,6 +41,7 @@ from bridge.web.api import _json_body, _unreadable_body, error, owner_only
 
 blueprint = Blueprint("recipients", __name__, url_prefix="/api/v1")
 
+RESOLVE_SECONDS = 15.0  # then the rest answer "temporary": the owner asks again (peers choose their pace)
 MAX_ADDRESSES = 20  # each new e-mail address costs one scrypt (~120 ms) and its domain a signed look-up
 SEALED_FIELDS = frozenset({"sealed", "to", "cc", "bcc", "from"})
 
@@ -61,13 +63,29 @@ def resolve_recipients(bridge: Bridge, mailbox: Mailbox) -> Response:
     try:
         peer = sender(bridge)
     except ServerKeyError:
-        return error("this bridge has no server key to sign look-ups with (python -m bridge keys init)", 503)
+        return _routes_only(bridge, wanted)
     emails = [a for a in wanted if not a.startswith("did:web:")]
     hashes = bridge.sender_hashes.lookup_hashes(emails)
-    found = peer.resolve(mailbox.address, {a: hashes[a.lower()] for a in emails}) if emails else {}
+    deadline = time.monotonic() + RESOLVE_SECONDS
+    found = peer.resolve(mailbox.address, {a: hashes[a.lower()] for a in emails}, deadline=deadline) if emails else {}
     answers = [found[a] if a in found else peer.resolve_did_web(a) for a in wanted]
     owner = {"kid": did_web(bridge.settings.domain, mailbox.address)}  # the client seals to itself too
     return jsonify({"recipients": [answer.to_json() for answer in answers], "owner": owner})
+
+
+def _routes_only(bridge: Bridge, wanted: list[str]) -> Response:
+    """Without a server key the bridge cannot sign look-ups: each address's route, and no keys."""
+    answers = []
+    for address in wanted:
+        try:
+            route = bridge.discovery.discover(address.removeprefix("did:web:").partition("#")[0].rpartition("@")[2])
+            kind, reason = route.route, route.reason
+        except InvalidDomain:
+            kind, reason = "none", "not a mail domain"
+        if kind == MAILIO:
+            reason = "this bridge has no server key to sign look-ups with (python -m bridge keys init)"
+        answers.append(Resolution(address, kind, reason).to_json())
+    return jsonify({"recipients": answers, "owner": {"kid": None}})
 
 
 def sealed_submission(document: dict[str, Any], mailbox: Mailbox, domain: str) -> tuple[dict[str, Any] | None, str]:
