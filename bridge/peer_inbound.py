@@ -66,6 +66,7 @@ SEEN = PREFIX + "mtp:seen:"
 UNFILED = PREFIX + "mtp:unfiled"
 DRAIN_FLAG = PREFIX + "mtp:drain"
 DRAIN_SECONDS = 120
+FILING_JOB = "mtp-filing"
 RATE = PREFIX + "mtp:rate:"
 REFRESH = PREFIX + "mtp:refresh:"
 #: A forced fresh discovery per sender domain at most this often (after a signature failed).
@@ -212,12 +213,13 @@ def note_stored(bridge: Bridge, eids: list[str], *, seen_seconds: int | None = N
     except REDIS_ERRORS as exc:
         raise RedisUnavailable("redis unavailable") from exc
     if queue_one:
-        enqueue(
+        job_id = enqueue(
             bridge,
             "bridge.jobs.peer_inbound.file_peer_messages",
             job_timeout=FILING_TIMEOUT,
             retry_intervals=FILING_RETRIES,
         )
+        bridge.index.note_job(FILING_JOB, job_id)  # for a sweeper to tell a live filing job from a dead one
 
 
 def signed_receipt(bridge: Bridge, msg_id: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Filing a peer server's message for each local recipient, then telling the sender how it went.
 
-``file_peer_message(eid)`` reads the envelope the request path stored (``bridge.peer_inbound``), decodes
-its signed CBOR again (the JSON twin was never kept) and, for each JWE recipient ``kid`` on our host:
+``file_peer_messages()`` drains the envelopes the request path noted (``bridge.peer_inbound``), in
+batches, one job at a time; ``file_peer_message(eid)`` reads one stored envelope, decodes its signed CBOR
+again (the JSON twin was never kept) and, for each JWE recipient ``kid`` on our host:
 
 * no such mailbox -> 5.1.1;
 * a ``handshake_request`` whose offer nonce (``bridge.store.handshakes.HandshakeOffers``) is unknown,
@@ -18,6 +19,10 @@ Then it keeps the codes in ``mtp/delivery/<eid>.json``, drops the envelope, and 
 ``send_delivery(eid)``: a signed ``intent: "delivery"`` message POSTed to the DIDCommMessaging endpoint
 of the sender's ``/.well-known/did.json`` through the guarded peer client, retried after each of
 ``BRIDGE_OUTBOUND_RETRY_DELAYS`` while the peer cannot be reached or answers 5xx.
+
+``requeue_stored()`` notes every envelope still in the store again (after Redis lost its data): the
+worker's sweeper should call it after it rebuilt the index, and queue ``file_peer_messages`` when
+``bridge:mtp:unfiled`` is not empty and the job noted as ``mtp-filing`` is not alive.
 """
 
 from __future__ import annotations
