@@ -315,18 +315,30 @@ def test_without_a_server_key_mailio_recipients_stay_queued(
     assert peer.lookups == 0 and peer.received == []
 
 
-def test_a_peer_url_leading_to_a_refused_address_fails_without_a_connection(
-    tmp_path: Path, redis_url: str, postal_signer: PostalSigner, peer: FakePeer, knot_dns: KnotDNS
+@pytest.mark.parametrize("via", ["peer_url", "txt_host"])
+def test_a_peer_leading_to_a_refused_address_fails_without_a_connection(
+    tmp_path: Path, redis_url: str, postal_signer: PostalSigner, peer: FakePeer, knot_dns: KnotDNS, via: str
 ) -> None:
+    """Only 127.0.0.2 and .3 are allowed: 127.0.0.1, named by BRIDGE_PEER_URLS or reached through the Mailio
+    host a TXT record names (``mio.<domain>``, whose A record is 127.0.0.1), is refused before connecting."""
     trap = socket.socket()
     trap.bind(("127.0.0.1", 0))
     trap.listen(8)
     trap.setblocking(False)
+    port = trap.getsockname()[1]
+    domain = peer.domain
+    if via == "peer_url":
+        urls = f"{domain}=http://127.0.0.1:{port}"
+    else:
+        domain = f"t{secrets.token_hex(4)}.peer.test"
+        knot_dns.set_txt(f"mailio._mailiokey.mio.{domain}", f"v=MAILIO1; k=ed25519; p={_b64(peer.public)}")
+        knot_dns.set_a(f"mio.{domain}", "127.0.0.1")
+        urls = f"mio.{domain}=http://mio.{domain}:{port}"  # the port of the trap; the address from DNS
     env = bridge_environment(
         tmp_path,
         redis_url,
         postal_signer,
-        BRIDGE_PEER_URLS=f"{peer.domain}=http://127.0.0.1:{trap.getsockname()[1]}",
+        BRIDGE_PEER_URLS=urls,
         BRIDGE_PEER_ALLOWLIST="127.0.0.2/32,127.0.0.3/32",
         BRIDGE_ALLOW_INSECURE_PEERS="true",
         BRIDGE_OUTBOUND_RETRY_DELAYS="0,0",
@@ -337,7 +349,7 @@ def test_a_peer_url_leading_to_a_refused_address_fails_without_a_connection(
     try:
         create_server_key(bridge.settings.server_key_path)
         owner = make_owner(bridge, "support@mail.example.test")
-        bob = f"bob@{peer.domain}"
+        bob = f"bob@{domain}"
         msg_id = _send(app.test_client(), owner, [bob])
         run_worker(bridge)
         entry = _entry(bridge, owner, msg_id, bob)
@@ -347,6 +359,51 @@ def test_a_peer_url_leading_to_a_refused_address_fails_without_a_connection(
     finally:
         context.use(None)
         trap.close()
+
+
+def test_a_rotated_peer_key_is_looked_up_again_once(
+    client: Any, bridge: Bridge, owner: Owner, peer: FakePeer, server_key: Ed25519PrivateKey, knot_dns: KnotDNS
+) -> None:
+    bob = f"bob@{peer.domain}"
+    peer.add_user(bob, _hash(bridge, bob))
+    first = _send(client, owner, [bob])
+    run_worker(bridge)  # the peer's key is now in discovery's cache
+    assert _entry(bridge, owner, first, bob)["state"] == ACCEPTED
+    peer.key = Ed25519PrivateKey.generate()  # the peer rotates its key and publishes the new one
+    knot_dns.set_txt(
+        f"mailio._mailiokey.{peer.domain}", f"v=MAILIO1; k=ed25519; p={_b64(peer.key.public_key().public_bytes_raw())}"
+    )
+    second = _send(client, owner, [bob])
+    run_worker(bridge)
+    assert _entry(bridge, owner, second, bob)["state"] == ACCEPTED
+    assert [p["didCommMessage"]["id"] for p in peer.received] == [first, second]  # no retry was needed
+
+
+def test_a_document_whose_address_does_not_derive_from_its_key_is_refused(
+    client: Any, bridge: Bridge, owner: Owner, peer: FakePeer, server_key: Ed25519PrivateKey
+) -> None:
+    bob = f"bob@{peer.domain}"
+    keys = peer.add_user(bob, _hash(bridge, bob))
+    impostor = generate_user_keys()  # the answer claims bob's address with another key
+    peer.users[_hash(bridge, bob)] = (bob, keys)
+    original = peer.did_answer
+
+    def forged(request: dict[str, Any]) -> dict[str, Any]:
+        answer = original(request)
+        for name in ("didLookupResponse",):
+            for found in answer[name].get("foundLookups", []):
+                found["didDocument"]["verificationMethod"][0]["publicKeyJwk"]["x"] = (
+                    base64.urlsafe_b64encode(impostor.ed25519_public).decode().rstrip("=")
+                )
+        payload = answer["didLookupResponse"]
+        return peer.signed("didLookupResponse", payload, peer.key, None)  # signed: only the binding is wrong
+
+    peer.did_answer = forged  # type: ignore[method-assign]
+    msg_id = _send(client, owner, [bob])
+    run_worker(bridge)
+    entry = _entry(bridge, owner, msg_id, bob)
+    assert entry["state"] == FAILED and "does not derive from its #master key" in entry["reason"]
+    assert peer.received == []
 
 
 # --- resolving for the owner's client -------------------------------------------------------------------------
