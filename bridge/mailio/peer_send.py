@@ -376,7 +376,8 @@ def _http_error(host: str, status: int, body: bytes) -> Exception:
     try:
         document = json.loads(body)
         if isinstance(document, dict):
-            reason = str(document.get("error") or document.get("message") or "")[:200]
+            said = str(document.get("error") or document.get("message") or "")[:200]
+            reason = "".join(c if c.isprintable() else " " for c in said)  # the peer chose it: one plain line
     except (ValueError, RecursionError):
         pass
     text = f"{host} answered {status}" + (f": {reason}" if reason else "")
