@@ -9,7 +9,7 @@ middle of a job, and its forked scheduler dies with a traceback. Here the work l
 instead: Redis errors anywhere in RQ's loop end that loop quietly, this process logs one line,
 waits with backoff until Redis answers, and works again under a new RQ registration. Only
 SIGTERM or SIGINT stop it. A job that fails because the object store went away is an ordinary
-failed job (retried with backoff, see ``bridge.inbound.enqueue``); the process is not affected.
+failed job (retried with backoff, see ``bridge.jobs.queue.enqueue``); the process is not affected.
 
 RQ's scheduler (needed by retries with a delay) and the sweeper run in one housekeeping thread
 of this process (``bridge.jobs.sweeper``), so they come back with the process, not ten minutes
@@ -34,8 +34,8 @@ from rq.exceptions import StopRequested
 from bridge import context, logs, metrics
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable
-from bridge.inbound import enqueue_filing
 from bridge.jobs.sweeper import Housekeeping, sweep
+from bridge.postal.ingress import enqueue_filing
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class BridgeWorker(SimpleWorker):
     """RQ's SimpleWorker, with Redis loss turned into a quiet end of ``work()`` (the caller restarts it)."""
 
     queue_class = _Queue
+
     def perform_job(self, job: Any, queue: Queue) -> bool:
         with logs.job_context(job.id, job.meta.get("request_id")):
             return bool(super().perform_job(job, queue))

@@ -53,8 +53,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if found:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"log hygiene: {len(found)} log line(s) hold what must never be logged:\n{report(found)}")
+            reporter.write_line(
+                f"log hygiene: {len(found)} log line(s) hold what must never be logged:\n{report(found)}"
+            )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 DOMAIN = "mail.example.test"
 
