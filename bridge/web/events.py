@@ -142,6 +142,7 @@ def events() -> Response:
         name, uuid, at, payload = parse_event(body)
         event = message_event(name, uuid, at, payload) if name in STATES else None
     except EventError as exc:
+        log.warning("postal events: refused 400: malformed event: %s", exc)  # a field's name, never its value
         return text_response(f"malformed event: {exc}", 400)
     try:
         outcome = _handle(bridge, name, uuid, event)
