@@ -38,7 +38,7 @@ import requests
 from rq import SimpleWorker
 
 from bridge import context, create_app
-from bridge.inbound import enqueue
+from bridge.jobs.queue import enqueue
 from bridge.mailio.identity import generate_user_keys
 from bridge.settings import Settings
 from tests.dns_server import KnotServer

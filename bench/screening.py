@@ -7,7 +7,7 @@ file creates there have been far slower on these machines; every run measures th
 how much).
 
 1. In-process, one worker process: messages are stored through the real ingest
-   (``bridge.inbound.accept_postal_delivery``, DKIM checked against Knot), untimed; then only the
+   (``bridge.postal.ingress.accept_postal_delivery``, DKIM checked against Knot), untimed; then only the
    real filing job (``bridge.jobs.inbound.file_unfiled``) draining them is timed:
 
    a. known senders: e-mail hashes cached in Redis, handshakes stored (accepted, revoked, request,
@@ -61,10 +61,10 @@ from bench.pool import Pool, message_template
 from bench.procs import BenchError
 from bridge import context
 from bridge.context import Bridge
-from bridge.inbound import accept_postal_delivery
 from bridge.jobs.inbound import file_unfiled
 from bridge.mailio.handshakes import parse_signed_handshake, sign_handshake
 from bridge.mailio.identity import email_lookup_hash
+from bridge.postal.ingress import accept_postal_delivery
 from bridge.postal.payloads import parse_inbound
 from bridge.settings import Settings
 from bridge.store.objects import FileObjectStore

@@ -33,10 +33,10 @@ import dns.resolver
 from bridge import create_app
 from bridge.context import Bridge
 from bridge.dns import make_resolver
-from bridge.inbound import accept_postal_delivery
 from bridge.mail.auth import check_dkim
 from bridge.mail.headers import sender_facts
 from bridge.mailio.discovery import CACHE_PREFIX
+from bridge.postal.ingress import accept_postal_delivery
 from bridge.postal.payloads import parse_inbound
 from bridge.sealing import seal, sealed_chunks
 from bridge.settings import Settings

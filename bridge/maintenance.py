@@ -6,8 +6,8 @@ import time
 from typing import Any
 
 from bridge.context import Bridge
-from bridge.inbound import enqueue_filing
 from bridge.jobs.auth import RECHECK_DELAYS, needs_recheck
+from bridge.postal.ingress import enqueue_filing
 from bridge.store.messages import FOLDERS
 
 BATCH = 500

@@ -84,8 +84,8 @@ def test_json_lines_a_request_id_into_the_job_and_refusals_that_say_what_to_fix(
 
     web = json_lines(web_log)
     loggers = {line["logger"] for line in web}
-    assert {"gunicorn.error", "gunicorn.access", "bridge.inbound", "bridge.web.postal"} <= loggers
-    assert any(line["request_id"] == "trace-4f1c9a77e2" for line in web if line["logger"] == "bridge.inbound")
+    assert {"gunicorn.error", "gunicorn.access", "bridge.postal.ingress", "bridge.web.postal"} <= loggers
+    assert any(line["request_id"] == "trace-4f1c9a77e2" for line in web if line["logger"] == "bridge.postal.ingress")
     assert any(line["logger"] == "rq.worker" for line in json_lines(worker_log))
     messages = [line["message"] for line in web]
     stranger_kid = stranger.sign_headers(b"x")["X-Postal-Signature-KID"]

@@ -323,7 +323,7 @@ def test_a_stored_envelope_survives_redis_losing_its_note(
     client: Any, bridge: Bridge, owner: Owner, peer: Peer
 ) -> None:
     from bridge.jobs.peer_inbound import requeue_stored
-    from bridge.peer_inbound import DRAIN_FLAG, UNFILED
+    from bridge.mailio.accept import DRAIN_FLAG, UNFILED
 
     assert post(client, peer.envelope(request_payload(peer, jwe_to(owner)))).status_code == 202
     bridge.redis.delete(UNFILED, DRAIN_FLAG)  # Redis lost the note and the queued job
@@ -455,7 +455,7 @@ def _sent_message(bridge: Bridge, owner: Owner, peer: Peer, recipient: str, peer
     bridge.outbound.create(owner.mailbox.address, msg_id, f"<{msg_id}@{DOMAIN}>", [recipient])
     bridge.outbound.set_route(owner.mailbox.address, msg_id, recipient, "mailio")
 
-    def note_peer(record: dict[str, Any]) -> None:  # what the Mailio sending leg records (bridge.peer_inbound._peer_of)
+    def note_peer(record: dict[str, Any]) -> None:  # what the Mailio sending leg records (bridge.mailio.accept._peer_of)
         record["recipients"][0]["peer"] = {"host": peer.domain, "address": peer_address}
 
     bridge.outbound._update(owner.mailbox.address, msg_id, note_peer)

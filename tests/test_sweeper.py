@@ -17,8 +17,8 @@ import pytest
 from flask import Flask
 from rq.job import Job, JobStatus
 
-import bridge.inbound
 import bridge.jobs.auth
+import bridge.postal.ingress
 from bridge import context, create_app
 from bridge.context import Bridge
 from bridge.jobs.sweeper import sweep
@@ -78,7 +78,7 @@ def test_filing_job_timeout_fires_when_dns_never_answers(
 ) -> None:
     # Budgets far above the job's time limit: only RQ's timeout can end this job early. It used to be
     # swallowed inside the DNS lookup (pyspf catches every Exception), and the job ran on for minutes.
-    monkeypatch.setattr(bridge.inbound, "FILING_JOB_TIMEOUT", 1)
+    monkeypatch.setattr(bridge.postal.ingress, "FILING_JOB_TIMEOUT", 1)
     monkeypatch.setattr(bridge.jobs.auth, "SENDER_BUDGET", 30.0)
     monkeypatch.setattr(bridge.jobs.auth, "BATCH_BUDGET", 60.0)
     for app in _app(bridge_environment(tmp_path, redis_url, postal_signer, nameserver=dead_nameserver)):

@@ -48,7 +48,7 @@ from rq import get_current_job
 
 from bridge import context
 from bridge.context import Bridge
-from bridge.inbound import enqueue
+from bridge.jobs.queue import enqueue
 from bridge.mailio.discovery import MAILIO, SMTP, InvalidDomain
 from bridge.postal.client import (
     Accepted,

@@ -1,6 +1,6 @@
 """Filing a peer server's message for each local recipient, then telling the sender how it went.
 
-``file_peer_messages()`` drains the envelopes the request path noted (``bridge.peer_inbound``), in
+``file_peer_messages()`` drains the envelopes the request path noted (``bridge.mailio.accept``), in
 batches, one job at a time; ``file_peer_message(eid)`` reads one stored envelope, decodes its signed CBOR
 again (the JSON twin was never kept) and, for each JWE recipient ``kid`` on our host:
 
@@ -36,15 +36,15 @@ from typing import Any
 from bridge import context
 from bridge.context import Bridge
 from bridge.errors import RedisUnavailable
-from bridge.inbound import enqueue
+from bridge.jobs.queue import enqueue
 from bridge.mailio import mtp
+from bridge.mailio.accept import DRAIN_FLAG, DRAIN_SECONDS, ENVELOPES, UNFILED, note_stored, now_ms, server_key
 from bridge.mailio.did import parse_did_document
 from bridge.mailio.identity import did_web, handshake_id
 from bridge.mailio.peers import PeerError, PeerRefused
 from bridge.mailio.received import ReceivedMessage, nonce_of, parse_message_request
 from bridge.mailio.server_key import server_address
 from bridge.mailio.status import StatusCode, code
-from bridge.peer_inbound import DRAIN_FLAG, DRAIN_SECONDS, ENVELOPES, UNFILED, note_stored, now_ms, server_key
 from bridge.screening import SenderStanding, classify
 from bridge.store.index import REDIS_ERRORS, as_text
 from bridge.store.messages import STATUS_FILED
@@ -61,7 +61,7 @@ class DeliveryNotSent(Exception):
 
 
 def file_peer_messages() -> int:
-    """Drain the noted envelopes (``bridge.peer_inbound.note_stored``); returns how many copies were filed.
+    """Drain the noted envelopes (``bridge.mailio.accept.note_stored``); returns how many copies were filed.
 
     Each envelope leaves the set only once it is filed, so a job that dies leaves the rest for the next.
     The drain flag follows ``MailIndex.release_drain``'s protocol, so every noted envelope is seen by this

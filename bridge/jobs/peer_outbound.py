@@ -28,8 +28,8 @@ from typing import Any
 
 from bridge import context
 from bridge.context import Bridge
-from bridge.inbound import enqueue
 from bridge.jobs.outbound import RetryLater, _drop_spool_when_done, _last_try
+from bridge.jobs.queue import enqueue
 from bridge.mailio.discovery import MAILIO
 from bridge.mailio.identity import did_web
 from bridge.mailio.peer_send import NotSent, PeerSender, Resolution, Sent, for_host, seal_for_peers
@@ -128,7 +128,7 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
 
 def _note_peers(bridge: Bridge, owner: str, msg_id: str, group: list[Resolution], sealed_by: str) -> None:
     """Record on each entry where it is sent (``peer``: host and 0x address, ``did``), so that only that
-    server's signed delivery message may change its state (``bridge.peer_inbound.apply_delivery``), and who
+    server's signed delivery message may change its state (``bridge.mailio.accept.apply_delivery``), and who
     sealed what it receives (``peer.sealed_by``: ``client`` or ``server``; the reason changes later)."""
     wanted = {item.address.lower(): item for item in group}
 

@@ -36,9 +36,10 @@ from rq.scheduler import RQScheduler
 from bridge import metrics
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable, RedisUnavailable
-from bridge.inbound import enqueue, enqueue_filing
 from bridge.jobs.outbound import enqueue_reconcile, reconcile_due
+from bridge.jobs.queue import enqueue
 from bridge.maintenance import rebuild_index
+from bridge.postal.ingress import enqueue_filing
 from bridge.store.index import FILING, REDIS_ERRORS
 from bridge.store.objects import StorageUnavailable
 

@@ -9,4 +9,7 @@ fields.py (JSON/FormData field access) and rebuild.py (Hash -> MIME). client.py 
 provably did not get it (safe to retry) or may hold it (never resent blindly). None of these modules touches the
 web framework or the object store: the web layer calls them with bytes and headers and maps their
 exceptions to HTTP status codes.
+
+ingress.py is the one exception: Postal's ingress, the steps before Postal gets its 2xx (resolve the
+mailbox, check DKIM, seal, store, queue filing), so it uses the bridge's stores; it too knows no Flask.
 """

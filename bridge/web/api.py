@@ -34,7 +34,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from bridge.context import Bridge
-from bridge.inbound import enqueue
+from bridge.jobs.queue import enqueue
 from bridge.mailio.handshakes import HandshakeError, parse_signed_handshake
 from bridge.store.handshakes import CREATED, UNCHANGED, StaleHandshake
 from bridge.store.mailboxes import Mailbox

@@ -1,7 +1,7 @@
 """The Mailio transfer protocol's ingress: ``POST /api/v1/mtp/message``, ``/did`` and ``/handshake``.
 
 Peers' servers call these, signed by their server keys (mtp-wire.md). The work is in
-``bridge.peer_inbound`` and ``bridge.peer_lookups``; this module reads the body and maps outcomes:
+``bridge.mailio.accept`` and ``bridge.mailio.answers``; this module reads the body and maps outcomes:
 
 ====  =================================================================================================
 code  when
@@ -33,8 +33,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from bridge.context import Bridge
 from bridge.mailio import mtp
-from bridge.peer_inbound import accept_message, server_key, signed_receipt
-from bridge.peer_lookups import answer_did_lookup, answer_handshake_lookup
+from bridge.mailio.accept import accept_message, server_key, signed_receipt
+from bridge.mailio.answers import answer_did_lookup, answer_handshake_lookup
 from bridge.web.postal import BodyIncomplete, BodyTooLarge, cut_off, read_body
 
 log = logging.getLogger(__name__)

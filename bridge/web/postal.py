@@ -35,7 +35,7 @@ from werkzeug.exceptions import ClientDisconnected
 from bridge import metrics
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable
-from bridge.inbound import UNKNOWN_RECIPIENT, accept_postal_delivery
+from bridge.postal.ingress import UNKNOWN_RECIPIENT, accept_postal_delivery
 from bridge.postal.payloads import MessageTooLarge, PayloadError, parse_inbound
 from bridge.postal.signatures import KID_HEADER, KeysUnavailable, SignatureError
 from bridge.store.objects import StorageUnavailable

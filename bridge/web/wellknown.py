@@ -12,10 +12,10 @@ import base64
 from flask import Blueprint, Response, current_app, jsonify
 
 from bridge.context import Bridge
+from bridge.mailio.accept import server_key
 from bridge.mailio.did import server_did_document, user_did_document
 from bridge.mailio.identity import is_mailio_address
 from bridge.mailio.server_key import public_key_bytes, server_address
-from bridge.peer_inbound import server_key
 
 blueprint = Blueprint("wellknown", __name__)
 

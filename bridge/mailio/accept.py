@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bridge.context import Bridge
 from bridge.dns import DNSUnavailable
 from bridge.errors import DependencyUnavailable, RedisUnavailable
-from bridge.inbound import enqueue
+from bridge.jobs.queue import enqueue
 from bridge.mailio import mtp
 from bridge.mailio.discovery import MAILIO, InvalidDomain
 from bridge.mailio.received import (

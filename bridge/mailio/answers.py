@@ -1,6 +1,6 @@
 """Answering peers' signed look-ups: ``POST /api/v1/mtp/did`` and ``POST /api/v1/mtp/handshake``.
 
-Authenticated like messages (``bridge.peer_inbound.authenticate``: the asking server's signature over the
+Authenticated like messages (``bridge.mailio.accept.authenticate``: the asking server's signature over the
 CBOR, its key from DNS), counted against the same per-domain rate limit, the ``lookupHeader`` timestamp
 inside the window; answered with our signed ``didLookupResponse`` / ``handshakeResponse`` (mtp-wire.md
 sections 6 and 7). What they disclose, and no more:
@@ -22,12 +22,12 @@ from typing import Any
 
 from bridge.context import Bridge
 from bridge.mailio import lookups, mtp
+from bridge.mailio.accept import authenticate, check_rate, now_ms, server_key
 from bridge.mailio.did import user_did_document
 from bridge.mailio.handshakes import HandshakeError, decode_content
 from bridge.mailio.identity import handshake_id, is_mailio_address
 from bridge.mailio.received import check_fresh
 from bridge.mailio.server_key import server_address
-from bridge.peer_inbound import authenticate, check_rate, now_ms, server_key
 from bridge.store.mailboxes import Mailbox
 
 #: Look-ups one request may carry (the reference asks per recipient of one message).

@@ -24,15 +24,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bridge import logs, metrics
+from bridge import metrics
 from bridge.context import Bridge
 from bridge.dns import dns_budget
-from bridge.errors import RedisUnavailable
+from bridge.jobs.queue import enqueue
 from bridge.mail.auth import check_dkim, has_dkim_signature
 from bridge.mail.headers import sender_facts
 from bridge.postal.payloads import InboundMessage
 from bridge.sealing import seal, sealed_chunks
-from bridge.store.index import REDIS_ERRORS
 from bridge.store.messages import STATUS_RECEIVED, message_id
 
 log = logging.getLogger(__name__)
@@ -126,9 +125,6 @@ FILING_JOB_TIMEOUT = 180
 #: Seconds between a failed filing job's retries (a store or Redis that went away). Beyond these,
 #: the worker's sweeper queues filing again while stored mail waits unfiled.
 FILING_RETRY_INTERVALS = (2, 5, 15, 30, 60)
-#: Other jobs (re-screening a mailbox) read a whole mailbox: a longer limit, fewer retries.
-JOB_TIMEOUT = 600
-JOB_RETRY_INTERVALS = (10, 60, 300)
 
 
 def enqueue_filing(bridge: Bridge) -> None:
@@ -144,32 +140,3 @@ def enqueue_filing(bridge: Bridge) -> None:
         retry_intervals=FILING_RETRY_INTERVALS,
     )
     bridge.index.note_job("filing", job_id)
-
-
-def enqueue(
-    bridge: Bridge,
-    function: str,
-    *ids: str,
-    job_timeout: int = JOB_TIMEOUT,
-    retry_intervals: tuple[int, ...] = JOB_RETRY_INTERVALS,
-) -> str:
-    """Queue a job by name with ids only (the dashboard shows arguments: never anything secret).
-
-    Returns the job's id. Every job is idempotent, so a failed one is retried after each of
-    ``retry_intervals`` seconds.
-    """
-    from rq import Retry
-
-    try:
-        job = bridge.queue.enqueue(
-            function,
-            *ids,
-            job_timeout=job_timeout,
-            result_ttl=60,
-            failure_ttl=7 * 86400,
-            retry=Retry(max=len(retry_intervals), interval=list(retry_intervals)),
-            meta={"request_id": logs.current_request_id()},  # the worker's lines about it carry the same id
-        )
-    except REDIS_ERRORS as exc:
-        raise RedisUnavailable("redis unavailable") from exc
-    return str(job.id)
