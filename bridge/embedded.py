@@ -200,7 +200,10 @@ def _print_postal_instructions(settings: Settings, host: str, port: str) -> None
     from bridge.context import Bridge
     from bridge.postal_setup import gather, render
 
-    text = render(gather(settings, Bridge(settings).postal_keys.describe))
+    try:
+        text = render(gather(settings, Bridge(settings).postal_keys.describe))
+    except Exception as exc:  # the banner must never stop what it describes
+        text = f"(the setup text failed: {exc.__class__.__name__}; run `mailio-bridge postal-setup`)\n"
     print(
         f"\nMailio bridge running at http://{host}:{port}  (Ctrl-C stops it)\n"
         f"Postal and peers reach it through BRIDGE_PUBLIC_URL (your TLS proxy in front of http://{host}:{port}).\n"

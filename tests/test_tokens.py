@@ -68,7 +68,10 @@ def test_tokens_are_named_listed_with_their_last_use_and_names_are_unique(cli: A
     assert laptop not in json.dumps(listed)
 
     assert client.get("/api/v1/messages", headers={"Authorization": f"Bearer {laptop}"}).status_code == 200
+    second = {"Authorization": f"Bearer {cli('mailbox', 'token', email, '--name', 'second')[1][-1]}"}
+    assert client.get("/api/v1/messages?folder=nope", headers=second).status_code == 400  # not a use
     used = {t["name"]: t["last_used"] for t in cli("mailbox", "tokens", email)[1]}
+    assert used["second"] is None
     assert used["laptop"] is not None and used["token-1"] is None and used["token-2"] is None
     assert cli("mailbox", "tokens", f"nobody@{DOMAIN}")[2] == "mailio-bridge: no such mailbox"
 

@@ -170,6 +170,10 @@ class MailboxDirectory:
         address = self.tokens.authenticate(token)
         return self.get(address) if address else None
 
+    def note_token_use(self, token: str) -> None:
+        """The token served a request successfully: its ``last_used`` (best effort, at most once a minute)."""
+        self.tokens.note_use(token)
+
     # --- removal --------------------------------------------------------------------------
 
     def remove_alias(self, email: str, alias: str) -> Mailbox:

@@ -4,7 +4,8 @@ Only a token's SHA-256 is ever stored. Objects (the store is the system of recor
 
     tokens/<sha256>.json                {"address", "created", "name"}: what ``authenticate`` reads, one GET
     token-names/<address>/<name>.json   {"digest"}: created only if absent, so a name is unique per mailbox
-    token-uses/<sha256>.json            {"last_used"}: written at most once a minute per token and process
+    token-uses/<sha256>.json            {"last_used"}: its last successful request, written at most once a
+                                        minute per token and process
 
 Tokens issued before tokens had names have no ``name`` and no ``token-names`` entry; they keep working
 and are listed (and revoked) as ``unnamed-<first 12 hex digits of their hash>``, which says nothing of
@@ -70,15 +71,16 @@ class ApiTokens:
         return token, name
 
     def authenticate(self, token: str) -> str | None:
-        """The address of the mailbox the token opens, or None; notes its use."""
+        """The address of the mailbox the token opens, or None. Reads only: see ``note_use``."""
         if not token or len(token) > 200:
             return None
-        hashed = digest(token)
-        data = self._objects.get(_token_key(hashed))
-        if data is None:
-            return None
-        self._note_use(hashed)
-        return str(json.loads(data)["address"])
+        data = self._objects.get(_token_key(digest(token)))
+        return str(json.loads(data)["address"]) if data else None
+
+    def note_use(self, token: str) -> None:
+        """Record that the token just served a request (the web layer calls it for successful ones only,
+        so a refused or malformed request changes nothing in the store)."""
+        self._note_use(digest(token))
 
     def listing(self, address: str) -> list[dict[str, Any]]:
         """The mailbox's tokens, oldest first: name, created, last_used (None: never, or not since upgrade)."""

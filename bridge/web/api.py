@@ -54,12 +54,17 @@ def error(message: str, status: int) -> Response:
     return response
 
 
-def authenticated_mailbox(bridge: Bridge) -> Mailbox | None:
+def _bearer_token() -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
-    return bridge.mailboxes.authenticate(token.strip())
+    return token.strip()
+
+
+def authenticated_mailbox(bridge: Bridge) -> Mailbox | None:
+    token = _bearer_token()
+    return bridge.mailboxes.authenticate(token) if token else None
 
 
 def _bridge() -> Bridge:
@@ -67,15 +72,23 @@ def _bridge() -> Bridge:
 
 
 def owner_only(view: Callable[..., Response]) -> Callable[..., Response]:
-    """Authenticate the bearer token first; the view gets the bridge and the token's mailbox."""
+    """Authenticate the bearer token first; the view gets the bridge and the token's mailbox.
+
+    A successful answer records the token's last use (``mailbox tokens`` shows it); a refused or
+    malformed request records nothing.
+    """
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Response:
         bridge = _bridge()
-        mailbox = authenticated_mailbox(bridge)
-        if mailbox is None:
+        token = _bearer_token()
+        mailbox = bridge.mailboxes.authenticate(token) if token else None
+        if token is None or mailbox is None:
             return error("missing or unknown bearer token", 401)
-        return view(bridge, mailbox, *args, **kwargs)
+        response = view(bridge, mailbox, *args, **kwargs)
+        if response.status_code < 400:
+            bridge.mailboxes.note_token_use(token)
+        return response
 
     return wrapper
 
