@@ -330,7 +330,7 @@ def test_a_stored_envelope_survives_redis_losing_its_note(
     bridge.queue.empty()
     run_worker(bridge)
     assert listing(client, owner, "other") == []
-    assert requeue_stored() == 1
+    assert requeue_stored(bridge) == 1
     run_worker(bridge)
     assert len(listing(client, owner, "other")) == 1
     assert stored_envelopes(bridge) == []

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import Flask
 from rq.job import Job, JobStatus
 
@@ -22,10 +24,12 @@ import bridge.postal.ingress
 from bridge import context, create_app
 from bridge.context import Bridge
 from bridge.jobs.sweeper import sweep
+from bridge.mailio.server_key import create_server_key
 from bridge.settings import Settings
 from tests.conftest import DOMAIN, Owner, bridge_environment, make_owner, run_worker
 from tests.postal_sim import PostalSigner, PostalSimulator, new_message, raw_payload
 from tests.servers import StoreDir
+from tests.test_mtp_receive import Peer, jwe_to, publish, request_payload, serve_peer
 
 
 @pytest.fixture
@@ -212,4 +216,75 @@ def test_sweeper_rebuilds_the_index_when_redis_lost_its_data(
         assert len(_listed(app, owner, "other")) == 5
         run_worker(bridge_)
         assert len(_listed(app, owner, "other")) == 8
+        assert sweep(bridge_) == []
+
+
+# --- peers' MTP messages: the same guarantees --------------------------------------------------------
+
+
+@pytest.fixture
+def mtp_peer(knot_dns: Any) -> Iterator[Peer]:
+    found = Peer(f"s{uuid.uuid4().hex[:10]}.mailio.test", Ed25519PrivateKey.generate())
+    publish(knot_dns, found.domain, found.key)
+    yield from serve_peer(found)
+
+
+@pytest.fixture
+def mtp_env(tmp_path: Path, redis_url: str, postal_signer: PostalSigner, mtp_peer: Peer) -> dict[str, str]:
+    key_file = tmp_path / "server.key"
+    create_server_key(key_file)
+    return bridge_environment(
+        tmp_path,
+        redis_url,
+        postal_signer,
+        BRIDGE_SERVER_KEY_FILE=str(key_file),
+        BRIDGE_PEER_URLS=f"{mtp_peer.domain}={mtp_peer.url}",
+        BRIDGE_ALLOW_INSECURE_PEERS="true",
+        BRIDGE_PEER_ALLOWLIST="127.0.0.1/32",
+        BRIDGE_OUTBOUND_RETRY_DELAYS="0",
+    )
+
+
+def _receive(app: Flask, peer: Peer, owner: Owner) -> None:
+    body = peer.envelope(request_payload(peer, jwe_to(owner)))
+    response = app.test_client().post("/api/v1/mtp/message", data=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 202, response.get_json()
+
+
+def test_a_peer_message_whose_filing_job_died_is_filed_by_the_sweeper_alone(
+    mtp_env: dict[str, str], mtp_peer: Peer
+) -> None:
+    for app in _app(mtp_env):
+        bridge_: Bridge = app.extensions["bridge"]
+        owner = make_owner(bridge_, f"support@{DOMAIN}")
+        assert sweep(bridge_) == ["rebuilt"]  # a first sweep on this Redis sets its marker
+        _receive(app, mtp_peer, owner)
+        first_job = bridge_.index.noted_job("mtp-filing")
+        assert sweep(bridge_) == []  # a queued filing job is a live one
+        # The job is gone for good (its worker died with it, Redis lost it) while its drain flag still
+        # says "queued": no later request would queue another for two minutes, and nothing else would.
+        Job.fetch(first_job, connection=bridge_.redis).delete()
+        assert sweep(bridge_) == ["mtp-filing"]
+        assert sweep(bridge_) == []  # the new one is alive: not queued twice
+        run_worker(bridge_)
+        [record] = _listed(app, owner, "other")
+        assert record["source"] == "mtp"
+        assert len(mtp_peer.received) == 1  # and the sender got its delivery message
+        assert list(bridge_.objects.list("mtp/")) == []
+
+
+def test_peer_messages_stored_when_redis_lost_its_data_are_filed_after_the_rebuild(
+    mtp_env: dict[str, str], mtp_peer: Peer, redis_server: Any
+) -> None:
+    for app in _app(mtp_env):
+        bridge_: Bridge = app.extensions["bridge"]
+        owner = make_owner(bridge_, f"support@{DOMAIN}")
+        sweep(bridge_)
+        _receive(app, mtp_peer, owner)
+        _receive(app, mtp_peer, owner)
+        redis_server.flushall()  # the notes, the queued job and its id are gone; the envelopes are stored
+        assert sweep(bridge_) == ["rebuilt"]  # the rebuild noted them again and queued their filing itself
+        run_worker(bridge_)
+        assert len(_listed(app, owner, "other")) == 2
+        assert len(mtp_peer.received) == 2
         assert sweep(bridge_) == []

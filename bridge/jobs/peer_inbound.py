@@ -20,9 +20,10 @@ Then it keeps the codes in ``mtp/delivery/<eid>.json``, drops the envelope, and 
 of the sender's ``/.well-known/did.json`` through the guarded peer client, retried after each of
 ``BRIDGE_OUTBOUND_RETRY_DELAYS`` while the peer cannot be reached or answers 5xx.
 
-``requeue_stored()`` notes every envelope still in the store again (after Redis lost its data): the
-worker's sweeper should call it after it rebuilt the index, and queue ``file_peer_messages`` when
-``bridge:mtp:unfiled`` is not empty and the job noted as ``mtp-filing`` is not alive.
+``requeue_stored(bridge)`` notes every envelope still in the store again (after Redis lost its data): the
+worker's sweeper calls it after it rebuilt the index, and queues ``file_peer_messages`` again when
+``bridge:mtp:unfiled`` is not empty and the job noted as ``mtp-filing`` is not alive
+(``bridge.jobs.sweeper``).
 """
 
 from __future__ import annotations
@@ -90,12 +91,11 @@ def file_peer_messages() -> int:
             raise RedisUnavailable("redis unavailable") from exc
 
 
-def requeue_stored() -> int:
+def requeue_stored(bridge: Bridge) -> int:
     """Note every envelope still in the store for filing (after Redis lost its data); returns how many.
 
     For the worker's sweeper or an operator: stored envelopes are never lost, only their note in Redis.
     """
-    bridge = context.current()
     eids = [key.rsplit("/", 1)[1].removesuffix(".json") for key in bridge.objects.list(ENVELOPES)]
     if eids:
         note_stored(bridge, eids)

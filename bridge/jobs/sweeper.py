@@ -11,6 +11,8 @@ process, repairs both without a new delivery and without an operator:
   time, then set the marker;
 * stored-but-unfiled mail and no filing job alive (none noted, or the noted one finished, failed,
   vanished, or started longer ago than its time limit allows) -> queue filing;
+* the same for peers' MTP messages: after a rebuild, every envelope still in the store is noted again
+  (``bridge.jobs.peer_inbound.requeue_stored``); envelopes noted and no MTP filing job alive -> queue one;
 * SPF/DMARC re-evaluations due and no re-evaluation job alive -> queue one;
 * jobs of a killed worker whose time limit has passed are retried (RQ's registry cleanup, which RQ
   itself runs only every ten minutes).
@@ -37,7 +39,9 @@ from bridge import metrics
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable, RedisUnavailable
 from bridge.jobs.outbound import enqueue_reconcile, reconcile_due
+from bridge.jobs.peer_inbound import requeue_stored
 from bridge.jobs.queue import enqueue
+from bridge.mailio import accept
 from bridge.maintenance import rebuild_index
 from bridge.postal.ingress import enqueue_filing
 from bridge.store.index import FILING, REDIS_ERRORS
@@ -59,13 +63,19 @@ _ALIVE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 
 
 def sweep(bridge: Bridge) -> list[str]:
-    """One pass; returns what it did ("rebuilt", "filing", "recheck", "reconcile"). Raises when Redis is down."""
+    """One pass; returns what it did ("rebuilt", "filing", "mtp-filing", "recheck", "reconcile").
+
+    Raises when Redis is down.
+    """
     done = []
     if bridge.index.epoch() is None:
         owner = uuid.uuid4().hex
         if bridge.index.take_rebuild_lock(owner, REBUILD_LOCK_SECONDS):
             try:
                 counts = rebuild_index(bridge)
+                # Peers' stored messages: their notes went with Redis too (before the marker, so a store
+                # that fails here is retried by the next sweep).
+                envelopes = requeue_stored(bridge)
                 bridge.index.set_epoch(datetime.now(UTC).isoformat())
             finally:
                 bridge.index.release_rebuild_lock(owner)
@@ -79,6 +89,8 @@ def sweep(bridge: Bridge) -> list[str]:
                 counts["filed"],
                 counts["queued_for_filing"],
             )
+            if envelopes:
+                log.warning("sweeper: %d stored MTP messages noted for filing again", envelopes)
             done.append("rebuilt")
     # Jobs of a killed worker, once their time limit has passed: RQ retries them (every bridge job
     # has retries) or fails them. RQ's own workers do this only every ten minutes.
@@ -88,6 +100,11 @@ def sweep(bridge: Bridge) -> list[str]:
         enqueue_filing(bridge)
         log.warning("sweeper: %d stored messages wait unfiled and no filing job is alive: queued one", waiting)
         done.append("filing")
+    waiting = accept.unfiled_count(bridge)
+    if waiting and not job_alive(bridge, bridge.index.noted_job(accept.FILING_JOB)):
+        accept.queue_filing(bridge, take_drain=True)
+        log.warning("sweeper: %d stored MTP messages wait unfiled and no filing job is alive: queued one", waiting)
+        done.append("mtp-filing")
     if bridge.index.due_rechecks(time.time(), 1) and not job_alive(bridge, bridge.index.noted_job(RECHECK)):
         bridge.index.note_job(RECHECK, enqueue(bridge, RECHECK_JOB, job_timeout=RECHECK_JOB_TIMEOUT))
         done.append("recheck")

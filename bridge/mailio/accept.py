@@ -213,13 +213,33 @@ def note_stored(bridge: Bridge, eids: list[str], *, seen_seconds: int | None = N
     except REDIS_ERRORS as exc:
         raise RedisUnavailable("redis unavailable") from exc
     if queue_one:
-        job_id = enqueue(
-            bridge,
-            "bridge.jobs.peer_inbound.file_peer_messages",
-            job_timeout=FILING_TIMEOUT,
-            retry_intervals=FILING_RETRIES,
-        )
-        bridge.index.note_job(FILING_JOB, job_id)  # for a sweeper to tell a live filing job from a dead one
+        queue_filing(bridge)
+
+
+def queue_filing(bridge: Bridge, *, take_drain: bool = False) -> None:
+    """Queue the draining filing job and note its id (``FILING_JOB``) for the worker's sweeper, which tells a
+    live filing job from a dead one by it. ``take_drain`` (the sweeper replacing a dead job) takes the drain
+    flag first, so that requests arriving meanwhile do not queue a second drainer."""
+    if take_drain:
+        try:
+            bridge.redis.set(DRAIN_FLAG, "1", ex=DRAIN_SECONDS)
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailable("redis unavailable") from exc
+    job_id = enqueue(
+        bridge,
+        "bridge.jobs.peer_inbound.file_peer_messages",
+        job_timeout=FILING_TIMEOUT,
+        retry_intervals=FILING_RETRIES,
+    )
+    bridge.index.note_job(FILING_JOB, job_id)
+
+
+def unfiled_count(bridge: Bridge) -> int:
+    """How many stored envelopes wait for the filing job."""
+    try:
+        return int(bridge.redis.zcard(UNFILED))
+    except REDIS_ERRORS as exc:
+        raise RedisUnavailable("redis unavailable") from exc
 
 
 def signed_receipt(bridge: Bridge, msg_id: str) -> dict[str, Any]:
