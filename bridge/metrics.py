@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import socket
 import time
@@ -81,7 +82,8 @@ OUTBOUND_RECIPIENTS = Counter(
 )
 #: call: send/raw, messages/message, messages/deliveries; outcome: ok, permanent, temporary, uncertain
 POSTAL_CALLS = Counter("bridge_postal_api_calls", "Calls to Postal's API, by call and outcome", ["call", "outcome"])
-#: outcome: chosen by the Mailio server-to-server code (ok, refused, unavailable, ...); never a peer's name
+#: outcome: 2xx, 4xx, 5xx (the peer's answer) or refused (the SSRF guard), unavailable, answer_too_large,
+#: error (see ``peer_call``); never a peer's name
 PEER_CALLS = Counter("bridge_peer_calls", "Calls to other Mailio servers (MTP), by outcome", ["outcome"])
 
 
@@ -110,6 +112,25 @@ def postal_call(func: _F) -> _F:
         outcome = getattr(result, "outcome", "ok")  # Permanent, Temporary and Uncertain say which they are
         POSTAL_CALLS.labels(call=path.removeprefix("/api/v1/"), outcome=outcome).inc()
         return result
+
+    return counted  # type: ignore[return-value]
+
+
+def peer_call(func: _F) -> _F:
+    """Count a ``PeerClient.request``: the answer's status class, or the ``Peer...`` error it raised."""
+
+    @wraps(func)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        try:
+            response = func(*args, **kwargs)
+        except Exception as exc:
+            name = type(exc).__name__
+            known = name.startswith("Peer") and name != "PeerError"
+            outcome = re.sub(r"(?<!^)(?=[A-Z])", "_", name.removeprefix("Peer")).lower() if known else "error"
+            PEER_CALLS.labels(outcome=outcome).inc()
+            raise
+        PEER_CALLS.labels(outcome=f"{int(getattr(response, 'status', 0)) // 100}xx").inc()
+        return response
 
     return counted  # type: ignore[return-value]
 

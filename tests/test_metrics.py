@@ -7,14 +7,17 @@ the finer counters are checked in-process against the same real Redis, object st
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge import create_app
 from bridge.context import Bridge
 from bridge.dns import lookup
+from bridge.mailio.peers import PeerClient, PeerRefused
 from bridge.settings import Settings
 from tests.conftest import DOMAIN, bridge_environment, make_owner, run_worker
 from tests.dns_server import ZONES
@@ -258,3 +262,40 @@ def test_promtool_accepts_the_rules_and_they_fire_for_a_stalled_worker_and_an_ol
     }
     (tmp_path / "dashboard-rules.yml").write_text(yaml.safe_dump(rules))
     promtool("check", "rules", "dashboard-rules.yml", cwd=tmp_path)
+
+
+def test_peer_calls_are_counted_by_outcome(client):
+    """A real loopback HTTP server as the peer: its answer's class, and the SSRF guard's refusal."""
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404 if self.path == "/missing" else 200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_port}"
+
+    def counts() -> dict[str, float]:
+        text = client.get("/metrics").get_data(as_text=True)
+        return {o: value(text, "bridge_peer_calls_total", outcome=o) for o in ("2xx", "4xx", "refused")}
+
+    try:
+        before = counts()
+        allowed = PeerClient(allowlist=[ipaddress.ip_network("127.0.0.0/8")], allow_insecure=True, timeout=5)
+        assert allowed.get(f"{base}/did.json").status == 200
+        assert allowed.get(f"{base}/missing").status == 404
+        with pytest.raises(PeerRefused):
+            PeerClient(allow_insecure=True, timeout=5).get(f"{base}/did.json")  # loopback is not a peer
+        after = counts()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert {o: after[o] - before[o] for o in before} == {"2xx": 1, "4xx": 1, "refused": 1}

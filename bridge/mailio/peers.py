@@ -43,6 +43,7 @@ import urllib3.exceptions
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from bridge import metrics
 from bridge.dns import DNSUnavailable, dns_budget, records
 from bridge.settings import Settings, parse_peer_allowlist, parse_peer_urls
 
@@ -281,6 +282,7 @@ class PeerClient:
     ) -> PeerResponse:
         return self.request("POST", url, body=body, headers={"Content-Type": content_type}, max_bytes=max_bytes)
 
+    @metrics.peer_call
     def request(
         self,
         method: str,
