@@ -95,7 +95,7 @@ class Config:
     only: tuple[str, ...] = ()
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     sweep_levels: tuple[int, ...] = sweep.LEVELS
-    sweep_seconds: float = 3.0
+    sweep_seconds: float = 2.0
     sweep_repeats: int = 2
     sweep_backends: tuple[str, ...] = ("moto", "ceph")
     draw: bool = False
@@ -822,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
             ("1 throughput and latency", measure_load),
             ("7 hostile mix (DKIM for DNS that never answers)", measure_hostile),
             ("2 end to end (accepted vs filed)", measure_e2e),
-            ("3 memory (one 25 MB message)", measure_memory),
+            ("3 memory (1, 5 and 25 MB messages)", measure_memory),
             ("4 where the time goes (in-process)", measure_where),
             ("5-6 screening: the filing job in-process, then end to end", measure_screening),
             ("8 throughput and p99 against concurrency, file store and S3", measure_sweep),
