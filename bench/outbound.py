@@ -9,11 +9,13 @@ in one run against one local send-API server (tests/postal_api.py, written from 
 * **bridge**: N messages submitted through ``POST /api/v1/messages`` beforehand (untimed: that is the API's
   share), then the worker's jobs timed in-process as the worker runs them: routing (discovery, cached after the
   first), the Postal leg (attempt marked before and after the call, the spool read and deleted, Postal's ids
-  recorded), and the contacts job (the recipient's lookup hash, cached in Redis after the first). Every message
-  goes to one recipient: a new recipient also costs one scrypt for the contact book (~150 ms, the same price as
-  for a new sender), which is reported apart, not hidden in the rate;
+  recorded). Every message goes to one recipient: the first also runs the contacts job, one scrypt for the
+  contact book (~150 ms, the same price as for a new sender), which is reported apart, not hidden in the rate;
 * **RQ's share**: the same number of jobs that do nothing, queued and run by the same worker, so that the part
   of the overhead that is RQ's own bookkeeping (per job, whatever it does) shows apart from the bridge's code;
+* **cached discovery**: ``discover()`` of a domain already looked up, as the routing job calls it (answered
+  from the process's memory for up to a second, else from Redis), beside the same lookup with the memory
+  turned off (from Redis) and a plain Redis GET of the same entry;
 * **1,000 recipients**: one message to 1,000 addresses at one SMTP domain, submitted through the API (timed),
   then the routing job and the delivery job timed one by one; reported: the 202, the routing job, the time from
   the 202 until every recipient is ``accepted`` (read back through the status API, all 1,000), the number of
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import statistics
 import tempfile
 import time
@@ -39,6 +42,7 @@ from rq import SimpleWorker
 
 from bridge import context, create_app
 from bridge.jobs.queue import enqueue
+from bridge.mailio.discovery import CACHE_PREFIX, Discovery
 from bridge.mailio.identity import generate_user_keys
 from bridge.settings import Settings
 from tests.dns_server import KnotServer
@@ -49,7 +53,7 @@ DOMAIN = "example.test"
 RECIPIENT = "reader@out.peer.test"
 THOUSAND_DOMAIN = "many.peer.test"
 OUT = Path(__file__).resolve().parent / "OUTBOUND.md"
-JOBS_PER_MESSAGE = 3  # routing, the Postal leg, contacts
+JOBS_PER_MESSAGE = 2  # routing and the Postal leg (the contacts job runs only for a recipient not recorded before)
 
 
 def _bare_round(url: str, count: int, message: bytes) -> float:
@@ -96,6 +100,28 @@ def _noop_round(bridge: Any, count: int) -> float:
     return (time.perf_counter() - started) / count
 
 
+def _discovery(bridge: Any, rounds: int, count: int = 2000) -> dict[str, list[float]]:
+    """Seconds per cached lookup: from memory (as deployed), from Redis alone, and a bare Redis GET."""
+    domain = RECIPIENT.rpartition("@")[2]
+    shared = Discovery(bridge.resolver, bridge.redis, local_seconds=0)
+    bridge.discovery.discover(domain)  # cached by the bridge's routing jobs already; this makes sure
+    if not shared.discover(domain).cached or not bridge.discovery.discover(domain).cached:
+        raise RuntimeError("the discovery bench's domain is not cached")
+    ways = {
+        "memory": lambda: bridge.discovery.discover(domain),
+        "redis": lambda: shared.discover(domain),
+        "get": lambda: bridge.redis.get(CACHE_PREFIX + domain),
+    }
+    result: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, call in ways.items():
+            started = time.perf_counter()
+            for _ in range(count):
+                call()
+            result[name].append((time.perf_counter() - started) / count)
+    return result
+
+
 def _thousand(client: Any, bridge: Any, auth: dict[str, str], postal: PostalSendAPI) -> dict[str, float]:
     """One message to 1,000 recipients: the 202, the routing job, 202 -> all accepted, Postal's calls."""
     recipients = [f"r{n:04d}@{THOUSAND_DOMAIN}" for n in range(1000)]
@@ -140,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         knot = KnotServer(root / "knot")
         try:
             dns = knot.start()
-            dns.set("out.peer.test", "MX", "10 mx.peer.test.")
-            dns.set(THOUSAND_DOMAIN, "MX", "10 mx.peer.test.")
+            dns.set("out.peer.test", "MX", "10 mx.peer.test.", ttl=3600)  # cached for the whole run
+            dns.set(THOUSAND_DOMAIN, "MX", "10 mx.peer.test.", ttl=3600)
             with PostalSendAPI(verified_domains=(DOMAIN,)) as postal:
                 result = _measure(root, redis_server.url, dns.nameserver, postal, args.count, args.rounds)
         finally:
@@ -175,24 +201,37 @@ def _measure(root: Path, redis_url: str, nameserver: str, postal: PostalSendAPI,
     message = f"From: owner@{DOMAIN}\r\nTo: {RECIPIENT}\r\nSubject: bench\r\n\r\n{'x' * 1500}\r\n".encode()
     # The first message to a new recipient pays its contact-book scrypt and the first discovery: apart.
     first = _bridge_round(client, bridge, auth, 1, postal)
-    bare, full, rq = [], [], []
+    bare, full, unsynced, rq = [], [], [], []
     for _ in range(rounds):
         bare.append(_bare_round(postal.url, count, message))
         full.append(_bridge_round(client, bridge, auth, count, postal))
+        bridge.objects.fsync = False  # the file store's switch (BRIDGE_FSYNC), for this round only
+        unsynced.append(_bridge_round(client, bridge, auth, count, postal))
+        bridge.objects.fsync = True
         rq.append(_noop_round(bridge, count * JOBS_PER_MESSAGE) * JOBS_PER_MESSAGE)
     thousand = [_thousand(client, bridge, auth, postal) for _ in range(max(1, rounds))]
+    discovery = _discovery(bridge, rounds)
     context.use(None)
-    return {"first": first, "bare": bare, "full": full, "rq": rq, "thousand": thousand}
+    return {
+        "first": first,
+        "bare": bare,
+        "full": full,
+        "unsynced": unsynced,
+        "rq": rq,
+        "thousand": thousand,
+        "discovery": discovery,
+    }
 
 
 def _report(result: dict, count: int, rounds: int) -> str:
     bare, full = statistics.median(result["bare"]) * 1000, statistics.median(result["full"]) * 1000
     rq = statistics.median(result["rq"]) * 1000
+    unsynced = statistics.median(result["unsynced"]) * 1000
     overhead = full - bare
     goal = "< 2 ms beyond the round trip: " + ("met" if overhead < 2.0 else "**missed**")
     runs = " / ".join(
-        f"{b * 1000:.2f} vs {f * 1000:.2f} (RQ {q * 1000:.2f})"
-        for b, f, q in zip(result["bare"], result["full"], result["rq"], strict=True)
+        f"{b * 1000:.2f} vs {f * 1000:.2f} (no fsync {u * 1000:.2f}, RQ {q * 1000:.2f})"
+        for b, f, u, q in zip(result["bare"], result["full"], result["unsynced"], result["rq"], strict=True)
     )
     many = result["thousand"]
 
@@ -200,24 +239,37 @@ def _report(result: dict, count: int, rounds: int) -> str:
         return statistics.median(t[name] for t in many)
 
     calls = sorted({int(t["calls"]) for t in many})
+    disc = {name: statistics.median(values) * 1000 for name, values in result["discovery"].items()}
+    disc_goal = "met" if disc["memory"] < 0.2 else "**missed**"
     calls_goal = "met" if calls == [20] else "**missed**"
     return f"""# `python -m bench.outbound`: the bridge's cost per SMTP delivery
 
-- Date: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; {rounds} interleaved rounds of {count} deliveries.
+- Date: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; {rounds} interleaved rounds of {count} deliveries;
+  load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.
 - bare: direct send/raw calls to the local send-API server; bridge: the worker's jobs (routing, Postal leg,
   contacts) for messages submitted beforehand, in-process (RQ SimpleWorker, burst), same server, same recipient;
   RQ: {JOBS_PER_MESSAGE} jobs that do nothing per message, run the same way (RQ's own bookkeeping per message).
-- Store: the filesystem store with fsync (the default), Redis on loopback; 2 shared cores.
+- Store: the filesystem store with fsync (the default; one round each with it off), Redis on loopback;
+  2 cores shared with other test suites: compare within a run.
 
 | measure | bare (HTTP round trip) | bridge | overhead | goal |
 |---|---|---|---|---|
 | ms per delivery (median of rounds) | {bare:.2f} | {full:.2f} | {overhead:.2f} ms ({full / bare:.1f}x) | {goal} |
 | of which RQ's own, {JOBS_PER_MESSAGE} empty jobs per message | | {rq:.2f} | {rq:.2f} ms | |
 | the bridge's code beyond RQ and the round trip | | | {overhead - rq:.2f} ms | |
+| the same bridge with the store's fsync off | | {unsynced:.2f} | {unsynced - bare:.2f} ms | |
 
 Per round (bare vs bridge, ms, and RQ's share): {runs}. Every bridge round's messages were accepted by the
 server exactly once each (checked). The first message to a new recipient took {result["first"] * 1000:.0f} ms
 (its contact-book scrypt and a cold discovery), not counted above.
+
+## Cached discovery lookup ({rounds} rounds of 2,000, medians)
+
+| measure | ms per lookup | goal |
+|---|---|---|
+| `discover()` as the routing job calls it (memory for 1 s, then Redis) | {disc["memory"]:.4f} | < 0.2 ms: {disc_goal} |
+| the same from Redis only (`local_seconds=0`) | {disc["redis"]:.3f} | |
+| a plain Redis GET of the same entry (baseline) | {disc["get"]:.3f} | |
 
 ## One message to 1,000 recipients ({len(many)} runs, medians)
 

@@ -19,7 +19,7 @@ Losing Redis loses pending events only: Postal's retries and the reconciler cove
 
 Cost: one update is one store read and one write of the whole record, and one Redis pipeline for the
 entries whose indexed fields changed. Callers batch: a 1,000-recipient message is routed in one update
-and handed to Postal in three updates per 50-recipient call, never one update per recipient.
+and handed to Postal in two updates per 50-recipient call, never one update per recipient.
 """
 
 from __future__ import annotations
@@ -74,38 +74,51 @@ class RecordStore:
         """Read, change and write one record under its lock; then refresh the index of what changed.
 
         Raises NoSuchRecord (a KeyError) when the record or a named recipient does not exist."""
-        with self.locked(owner, msg_id):
+        with self.locked(owner, msg_id) as pipe:
             record = self.get(owner, msg_id)
             if record is None:
                 raise NoSuchRecord("no such outbound record")
+            # Two serialisations of the record, not three: its own ``updated_at`` is left out of the
+            # comparison and appended to what is written (a 1,000-recipient record is ~1 MB of JSON).
+            stamp = record.pop("updated_at", None)
             before = dump(record)
             marks = [_indexed(entry) for entry in record["recipients"]]
             change(record)
-            changed = dump(record) != before
+            after = dump(record)
+            changed = after != before
+            record["updated_at"] = time.time() if changed else stamp
             if changed:
-                record["updated_at"] = time.time()
-                self.objects.put(record_key(owner, msg_id), dump(record))
-        if changed:  # after the store: an index entry never points at a record not yet written
-            moved = [e for e, mark in zip(record["recipients"], marks, strict=True) if _indexed(e) != mark]
-            self.index(record, moved)
+                stamped = after[:-1] + b',"updated_at":' + json.dumps(record["updated_at"]).encode() + b"}"
+                self.objects.put(record_key(owner, msg_id), stamped)
+                # Queued after the store's write (an index entry never points at a record not yet
+                # written), sent with the lock's release: one round trip.
+                moved = [e for e, mark in zip(record["recipients"], marks, strict=True) if _indexed(e) != mark]
+                self.index(record, moved, pipe)
         return record
 
     @contextlib.contextmanager
-    def locked(self, owner: str, msg_id: str) -> Iterator[None]:
+    def locked(self, owner: str, msg_id: str) -> Iterator[Any]:
+        """Hold the message's lock; yields a pipeline whose commands are sent with the release."""
         key, token = f"{PREFIX}outbound:lock:{owner}/{msg_id}", secrets.token_hex(8)
         deadline = time.monotonic() + self.lock_wait
         while not self.call(lambda: self.redis.set(key, token, nx=True, px=LOCK_SECONDS * 1000)):
             if time.monotonic() > deadline:
                 raise OutboundBusy("outbound record busy")
             time.sleep(0.01)
-        try:
-            yield
-        finally:
-            self.call(lambda: self.redis.eval(_RELEASE, 1, key, token))
-
-    def index(self, record: dict[str, Any], entries: list[dict[str, Any]] | None = None) -> None:
-        """Index ``entries`` (default: every recipient) and the record's Message-ID, in one pipeline."""
         pipe = self.redis.pipeline(transaction=False)
+        try:
+            yield pipe
+        except BaseException:
+            self.call(lambda: self.redis.eval(_RELEASE, 1, key, token))
+            raise
+        pipe.eval(_RELEASE, 1, key, token)
+        self.call(pipe.execute)
+
+    def index(self, record: dict[str, Any], entries: list[dict[str, Any]] | None = None, pipe: Any = None) -> None:
+        """Index ``entries`` (default: every recipient) and the record's Message-ID: in one pipeline of its
+        own, or queued on ``pipe`` for its owner to send."""
+        own = pipe is None
+        pipe = self.redis.pipeline(transaction=False) if own else pipe
         if record.get("message_id"):
             pipe.set(mid_key(record["message_id"]), f"{record['owner']}/{record['id']}", ex=INDEX_SECONDS)
         for entry in record["recipients"] if entries is None else entries:
@@ -118,7 +131,8 @@ class RecordStore:
                 where = {"owner": record["owner"], "id": record["id"], "address": entry["address"]}
                 value = json.dumps(where | {"token": entry["postal"]["token"]})
                 pipe.set(f"{PREFIX}outbound:postal:{entry['postal']['id']}", value, ex=INDEX_SECONDS)
-        self.call(pipe.execute)
+        if own:
+            self.call(pipe.execute)
 
     # --- events kept until their recipient's Postal id is recorded ---------------------------------
 
