@@ -53,6 +53,7 @@ class Peer:
     url: str = ""
     received: list[dict[str, Any]] = field(default_factory=list)
     user: Any = field(default_factory=generate_user_keys)
+    status: int = 202  # what its message endpoint answers (a signed receipt only with 202)
 
     @property
     def sender_did(self) -> str:
@@ -110,6 +111,8 @@ def serve_peer(peer: Peer) -> Iterator[Peer]:
     def message() -> Response:
         body = request.get_json()
         peer.received.append(body)
+        if peer.status != 202:
+            return Response("unavailable", peer.status)
         msg_id = body["didCommRequest"]["didCommMessage"]["id"]
         receipt = {
             "signatureScheme": "EdDSA_X25519",
@@ -317,6 +320,22 @@ def test_a_replayed_id_is_answered_again_and_filed_once(
     assert len(listing(client, owner, "other")) == 1
     assert len(peer.received) == 1  # one delivery message
     assert stored_envelopes(bridge) == []
+
+
+def test_a_delivery_message_out_of_retries_is_cleaned_up_and_its_failure_kept(
+    client: Any, bridge: Bridge, owner: Owner, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from rq.job import Job, JobStatus
+
+    peer.status = 503  # the sender's server stays down through the try and its one retry (delays "0")
+    assert post(client, peer.envelope(request_payload(peer, jwe_to(owner)))).status_code == 202
+    run_worker(bridge)
+    [record] = listing(client, owner, "other")  # filed all the same
+    assert len(peer.received) == 2
+    assert stored_envelopes(bridge) == []  # no delivery message left pending that nothing will send
+    job = Job.fetch(f"mtp-delivery-{record['id']}", connection=bridge.redis)
+    assert job.get_status() == JobStatus.FAILED  # the failure stays in RQ's failed registry ...
+    assert f"mtp delivery message for {record['id']} not sent: gave up after its retries" in caplog.text  # ... and the log
 
 
 def test_a_stored_envelope_survives_redis_losing_its_note(

@@ -7,6 +7,8 @@ The same failures end to end, through gunicorn and a worker process, are in test
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import time
 import uuid
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import Flask
@@ -23,6 +26,7 @@ import bridge.jobs.auth
 import bridge.postal.ingress
 from bridge import context, create_app
 from bridge.context import Bridge
+from bridge.jobs.peer_inbound import DELIVERY_SWEEP
 from bridge.jobs.sweeper import sweep
 from bridge.mailio.server_key import create_server_key
 from bridge.settings import Settings
@@ -229,8 +233,9 @@ def mtp_peer(knot_dns: Any) -> Iterator[Peer]:
     yield from serve_peer(found)
 
 
-@pytest.fixture
-def mtp_env(tmp_path: Path, redis_url: str, postal_signer: PostalSigner, mtp_peer: Peer) -> dict[str, str]:
+def _mtp_environment(
+    tmp_path: Path, redis_url: str, postal_signer: PostalSigner, peer: Peer, retry_delays: str
+) -> dict[str, str]:
     key_file = tmp_path / "server.key"
     create_server_key(key_file)
     return bridge_environment(
@@ -238,11 +243,16 @@ def mtp_env(tmp_path: Path, redis_url: str, postal_signer: PostalSigner, mtp_pee
         redis_url,
         postal_signer,
         BRIDGE_SERVER_KEY_FILE=str(key_file),
-        BRIDGE_PEER_URLS=f"{mtp_peer.domain}={mtp_peer.url}",
+        BRIDGE_PEER_URLS=f"{peer.domain}={peer.url}",
         BRIDGE_ALLOW_INSECURE_PEERS="true",
         BRIDGE_PEER_ALLOWLIST="127.0.0.1/32",
-        BRIDGE_OUTBOUND_RETRY_DELAYS="0",
+        BRIDGE_OUTBOUND_RETRY_DELAYS=retry_delays,
     )
+
+
+@pytest.fixture
+def mtp_env(tmp_path: Path, redis_url: str, postal_signer: PostalSigner, mtp_peer: Peer) -> dict[str, str]:
+    return _mtp_environment(tmp_path, redis_url, postal_signer, mtp_peer, "0")
 
 
 def _receive(app: Flask, peer: Peer, owner: Owner) -> None:
@@ -288,3 +298,48 @@ def test_peer_messages_stored_when_redis_lost_its_data_are_filed_after_the_rebui
         assert len(_listed(app, owner, "other")) == 2
         assert len(mtp_peer.received) == 2
         assert sweep(bridge_) == []
+
+
+def _age_pending_delivery(bridge_: Bridge, eid: str, seconds: float) -> None:
+    """Make a pending delivery message look ``seconds`` old (instead of waiting that long)."""
+    key = f"mtp/delivery/{eid}.json"
+    delivery = json.loads(bridge_.objects.get(key) or b"")
+    bridge_.objects.put(key, json.dumps(delivery | {"created_at": time.time() - seconds}).encode())
+
+
+def _sweep_deliveries(bridge_: Bridge) -> list[str]:
+    bridge_.redis.delete(DELIVERY_SWEEP)  # the delivery sweep runs every 5 minutes: as if they passed
+    return sweep(bridge_)
+
+
+def test_pending_delivery_messages_whose_job_is_gone_are_sent_again_or_dropped(
+    tmp_path: Path, redis_url: str, postal_signer: PostalSigner, mtp_peer: Peer
+) -> None:
+    # One retry, an hour after the first try: every delivery message waits on a scheduled job.
+    env = _mtp_environment(tmp_path, redis_url, postal_signer, mtp_peer, "3600")
+    for app in _app(env):
+        bridge_: Bridge = app.extensions["bridge"]
+        owner = make_owner(bridge_, f"support@{DOMAIN}")
+        sweep(bridge_)
+        mtp_peer.status = 503
+        _receive(app, mtp_peer, owner)
+        _receive(app, mtp_peer, owner)
+        run_worker(bridge_)
+        peer_ids = {record["id"]: record["mtp"]["id"] for record in _listed(app, owner, "other")}
+        eids = sorted(peer_ids)
+        assert len(eids) == 2 and len(mtp_peer.received) == 2
+        assert _sweep_deliveries(bridge_) == []  # their retries are scheduled: alive, left alone
+        for eid in eids:  # Redis lost them
+            Job.fetch(f"mtp-delivery-{eid}", connection=bridge_.redis).delete()
+        assert _sweep_deliveries(bridge_) == []  # just written: their jobs may not be queued yet
+        recent, ancient = eids
+        _age_pending_delivery(bridge_, recent, 120)
+        _age_pending_delivery(bridge_, ancient, 3600 + 2 * 120 + 60)  # past its retries' horizon
+        mtp_peer.status = 202
+        assert _sweep_deliveries(bridge_) == ["mtp-delivery"]
+        run_worker(bridge_)
+        [sent] = mtp_peer.received[2:]  # the recent one was sent again, the ancient one dropped
+        decoded = cbor2.loads(base64.b64decode(sent["cborPayloadBase64"]))["didCommMessage"]
+        assert (decoded["intent"], decoded["id"]) == ("delivery", peer_ids[recent])
+        assert list(bridge_.objects.list("mtp/")) == []
+        assert _sweep_deliveries(bridge_) == []

@@ -16,9 +16,12 @@ again (the JSON twin was never kept) and, for each JWE recipient ``kid`` on our 
   record first, then the body create-only: a repeat finds the body and files nothing twice -> 2.0.0.
 
 Then it keeps the codes in ``mtp/delivery/<eid>.json``, drops the envelope, and queues
-``send_delivery(eid)``: a signed ``intent: "delivery"`` message POSTed to the DIDCommMessaging endpoint
-of the sender's ``/.well-known/did.json`` through the guarded peer client, retried after each of
-``BRIDGE_OUTBOUND_RETRY_DELAYS`` while the peer cannot be reached or answers 5xx.
+``send_delivery(eid)`` (job id ``mtp-delivery-<eid>``): a signed ``intent: "delivery"`` message POSTed to
+the DIDCommMessaging endpoint of the sender's ``/.well-known/did.json`` through the guarded peer client,
+retried after each of ``BRIDGE_OUTBOUND_RETRY_DELAYS`` while the peer cannot be reached, answers 5xx/429
+or no valid receipt. After the last retry the pending object is deleted and the job fails (RQ keeps the
+failure, the log says why); one whose job is gone (Redis lost it) is queued again by the worker's
+sweeper (``resume_delivery``), and one older than all its retries could take is dropped.
 
 ``requeue_stored(bridge)`` notes every envelope still in the store again (after Redis lost its data): the
 worker's sweeper calls it after it rebuilt the index, and queues ``file_peer_messages`` again when
@@ -37,6 +40,7 @@ from typing import Any
 from bridge import context
 from bridge.context import Bridge
 from bridge.errors import RedisUnavailable
+from bridge.jobs.outbound import _last_try
 from bridge.jobs.queue import enqueue
 from bridge.mailio import mtp
 from bridge.mailio.accept import DRAIN_FLAG, DRAIN_SECONDS, ENVELOPES, UNFILED, note_stored, now_ms, server_key
@@ -47,13 +51,18 @@ from bridge.mailio.received import ReceivedMessage, nonce_of, parse_message_requ
 from bridge.mailio.server_key import server_address
 from bridge.mailio.status import StatusCode, code
 from bridge.screening import SenderStanding, classify
-from bridge.store.index import REDIS_ERRORS, as_text
+from bridge.store.index import PREFIX, REDIS_ERRORS, as_text
 from bridge.store.messages import STATUS_FILED
 
 log = logging.getLogger(__name__)
 
 DELIVERIES = "mtp/delivery/"
 DELIVERY_TIMEOUT = 120
+#: The worker's sweeper looks for pending delivery messages whose job is gone at most this often.
+DELIVERY_SWEEP = PREFIX + "mtp:delivery-sweep"
+DELIVERY_SWEEP_SECONDS = 300
+#: A pending delivery message younger than this may still be waiting for its job to be queued.
+DELIVERY_GRACE_SECONDS = 60
 BATCH = 100
 
 
@@ -125,9 +134,9 @@ def file_peer_message(eid: str) -> int:
         "to": message.sender.did,
         "codes": [c.to_json() for c in codes],
     }
+    delivery["created_at"] = time.time()
     bridge.objects.put(f"{DELIVERIES}{eid}.json", json.dumps(delivery, separators=(",", ":")).encode())
-    delays = bridge.settings.outbound_retry_delays
-    enqueue(bridge, "bridge.jobs.peer_inbound.send_delivery", eid, job_timeout=DELIVERY_TIMEOUT, retry_intervals=delays)
+    queue_delivery(bridge, eid)
     bridge.objects.delete(f"{ENVELOPES}{eid}.json")
     log.info("mtp message %s: %d of %d local recipients filed now", eid, filed, len(recipients))
     return filed
@@ -182,6 +191,53 @@ def _file_one(
     return code("2.0.0", address=address, timestamp=now), True
 
 
+def delivery_job_id(eid: str) -> str:
+    return f"mtp-delivery-{eid}"
+
+
+def queue_delivery(bridge: Bridge, eid: str) -> None:
+    delays = bridge.settings.outbound_retry_delays
+    enqueue(
+        bridge,
+        "bridge.jobs.peer_inbound.send_delivery",
+        eid,
+        job_timeout=DELIVERY_TIMEOUT,
+        retry_intervals=delays,
+        job_id=delivery_job_id(eid),
+    )
+
+
+def delivery_sweep_due(bridge: Bridge) -> bool:
+    """Whether the sweeper should look at pending delivery messages now (at most every DELIVERY_SWEEP_SECONDS
+    across all workers: it lists them in the object store)."""
+    try:
+        return bool(bridge.redis.set(DELIVERY_SWEEP, "1", nx=True, ex=DELIVERY_SWEEP_SECONDS))
+    except REDIS_ERRORS as exc:
+        raise RedisUnavailable("redis unavailable") from exc
+
+
+def pending_deliveries(bridge: Bridge) -> list[str]:
+    """The eids of delivery messages not sent yet (their objects wait under ``mtp/delivery/``)."""
+    return [key.rsplit("/", 1)[1].removesuffix(".json") for key in bridge.objects.list(DELIVERIES)]
+
+
+def resume_delivery(bridge: Bridge, eid: str) -> str | None:
+    """For the sweeper, about a pending delivery message whose job is not alive: queue it again ("requeued"),
+    or drop it once older than every retry could have taken ("dropped"); None when it is too new or gone."""
+    raw = bridge.objects.get(f"{DELIVERIES}{eid}.json")
+    if raw is None:
+        return None
+    age = time.time() - float(json.loads(raw).get("created_at", 0))
+    delays = bridge.settings.outbound_retry_delays
+    if age > sum(delays) + (len(delays) + 1) * DELIVERY_TIMEOUT:
+        _give_up(bridge, eid, f"still pending after {int(age)} s and its job is gone")
+        return "dropped"
+    if age < DELIVERY_GRACE_SECONDS:
+        return None
+    queue_delivery(bridge, eid)
+    return "requeued"
+
+
 def send_delivery(eid: str) -> bool:
     """POST the signed delivery message for ``eid``; True once a peer took it (or it can never take it)."""
     bridge = context.current()
@@ -206,12 +262,13 @@ def send_delivery(eid: str) -> bool:
     except PeerRefused as exc:
         return _give_up(bridge, eid, f"refused by the peer guard: {exc}")
     except PeerError as exc:
-        raise DeliveryNotSent(f"{domain}: {exc}") from None
+        return _not_yet(bridge, eid, f"{domain}: {exc}")
     if answer.status >= 500 or answer.status == 429:
-        raise DeliveryNotSent(f"{domain} answered {answer.status}")
+        return _not_yet(bridge, eid, f"{domain} answered {answer.status}")
     if not 200 <= answer.status < 300:
         return _give_up(bridge, eid, f"{domain} answered {answer.status}")
-    _check_receipt(bridge, domain, answer.body, delivery["id"])
+    if problem := _receipt_problem(bridge, domain, answer.body, delivery["id"]):
+        return _not_yet(bridge, eid, f"{domain}: {problem}")
     bridge.objects.delete(f"{DELIVERIES}{eid}.json")
     log.info("mtp delivery message for %s sent to %s", eid, domain)
     return True
@@ -231,16 +288,26 @@ def _messaging_endpoint(bridge: Bridge, domain: str) -> str:
     return endpoint
 
 
-def _check_receipt(bridge: Bridge, domain: str, body: bytes, msg_id: str) -> None:
-    """The peer's 202 must be its signed receipt for this id; otherwise the delivery is sent again."""
+def _receipt_problem(bridge: Bridge, domain: str, body: bytes, msg_id: str) -> str | None:
+    """What is wrong with the peer's 2xx answer, or None: it must be its signed receipt for this id;
+    otherwise the delivery is sent again."""
     try:
         signed = mtp.parse_signed(body, mtp.DIDCOMM_REQUEST, max_bytes=64 * 1024)
         route = bridge.discovery.discover(domain)
         payload = mtp.verify(signed, route.public_key)
     except (mtp.MtpError, ValueError) as exc:
-        raise DeliveryNotSent(f"{domain}: receipt unusable ({exc})") from None
+        return f"receipt unusable ({exc})"
     if (payload.get("didCommMessage") or {}).get("id") != msg_id:
-        raise DeliveryNotSent(f"{domain}: receipt names another id")
+        return "receipt names another id"
+    return None
+
+
+def _not_yet(bridge: Bridge, eid: str, why: str) -> bool:
+    """Not sent this time: RQ retries the job. After its last retry the pending object is deleted (nothing
+    would ever send it) and the job still fails, so RQ's failed registry and the log keep why."""
+    if _last_try():
+        _give_up(bridge, eid, f"gave up after its retries: {why}")
+    raise DeliveryNotSent(why)
 
 
 def _give_up(bridge: Bridge, eid: str, why: str) -> bool:

@@ -22,11 +22,12 @@ def enqueue(
     *ids: str,
     job_timeout: int = JOB_TIMEOUT,
     retry_intervals: tuple[int, ...] = JOB_RETRY_INTERVALS,
+    job_id: str | None = None,
 ) -> str:
     """Queue a job by name with ids only (the dashboard shows arguments: never anything secret).
 
-    Returns the job's id. Every job is idempotent, so a failed one is retried after each of
-    ``retry_intervals`` seconds.
+    Returns the job's id (``job_id`` when given: a job one can look up by what it works on). Every job
+    is idempotent, so a failed one is retried after each of ``retry_intervals`` seconds.
     """
     from rq import Retry
 
@@ -34,6 +35,7 @@ def enqueue(
         job = bridge.queue.enqueue(
             function,
             *ids,
+            job_id=job_id,
             job_timeout=job_timeout,
             result_ttl=60,
             failure_ttl=7 * 86400,

@@ -13,6 +13,8 @@ process, repairs both without a new delivery and without an operator:
   vanished, or started longer ago than its time limit allows) -> queue filing;
 * the same for peers' MTP messages: after a rebuild, every envelope still in the store is noted again
   (``bridge.jobs.peer_inbound.requeue_stored``); envelopes noted and no MTP filing job alive -> queue one;
+* delivery messages to peers still pending (``mtp/delivery/``) whose job is not alive -> queue it again,
+  or drop one older than all its retries (every ``DELIVERY_SWEEP_SECONDS``: it lists the object store);
 * SPF/DMARC re-evaluations due and no re-evaluation job alive -> queue one;
 * jobs of a killed worker whose time limit has passed are retried (RQ's registry cleanup, which RQ
   itself runs only every ten minutes).
@@ -38,8 +40,8 @@ from rq.scheduler import RQScheduler
 from bridge import metrics
 from bridge.context import Bridge
 from bridge.errors import DependencyUnavailable, RedisUnavailable
+from bridge.jobs import peer_inbound
 from bridge.jobs.outbound import enqueue_reconcile, reconcile_due
-from bridge.jobs.peer_inbound import requeue_stored
 from bridge.jobs.queue import enqueue
 from bridge.mailio import accept
 from bridge.maintenance import rebuild_index
@@ -63,7 +65,7 @@ _ALIVE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 
 
 def sweep(bridge: Bridge) -> list[str]:
-    """One pass; returns what it did ("rebuilt", "filing", "mtp-filing", "recheck", "reconcile").
+    """One pass; returns what it did ("rebuilt", "filing", "mtp-filing", "mtp-delivery", "recheck", "reconcile").
 
     Raises when Redis is down.
     """
@@ -75,7 +77,7 @@ def sweep(bridge: Bridge) -> list[str]:
                 counts = rebuild_index(bridge)
                 # Peers' stored messages: their notes went with Redis too (before the marker, so a store
                 # that fails here is retried by the next sweep).
-                envelopes = requeue_stored(bridge)
+                envelopes = peer_inbound.requeue_stored(bridge)
                 bridge.index.set_epoch(datetime.now(UTC).isoformat())
             finally:
                 bridge.index.release_rebuild_lock(owner)
@@ -105,6 +107,8 @@ def sweep(bridge: Bridge) -> list[str]:
         accept.queue_filing(bridge, take_drain=True)
         log.warning("sweeper: %d stored MTP messages wait unfiled and no filing job is alive: queued one", waiting)
         done.append("mtp-filing")
+    if peer_inbound.delivery_sweep_due(bridge) and _resume_deliveries(bridge):
+        done.append("mtp-delivery")
     if bridge.index.due_rechecks(time.time(), 1) and not job_alive(bridge, bridge.index.noted_job(RECHECK)):
         bridge.index.note_job(RECHECK, enqueue(bridge, RECHECK_JOB, job_timeout=RECHECK_JOB_TIMEOUT))
         done.append("recheck")
@@ -113,6 +117,20 @@ def sweep(bridge: Bridge) -> list[str]:
         bridge.index.note_job(RECONCILE, enqueue_reconcile(bridge))
         done.append("reconcile")
     return done
+
+
+def _resume_deliveries(bridge: Bridge) -> int:
+    """Pending delivery messages whose job is gone (lost with Redis, or failed and not cleaned up): queue
+    them again or drop the ones past every retry. Returns how many it touched."""
+    touched: dict[str, int] = {}
+    for eid in peer_inbound.pending_deliveries(bridge):
+        if not job_alive(bridge, peer_inbound.delivery_job_id(eid)):
+            outcome = peer_inbound.resume_delivery(bridge, eid)
+            if outcome is not None:
+                touched[outcome] = touched.get(outcome, 0) + 1
+    if touched:
+        log.warning("sweeper: pending MTP delivery messages whose job was gone: %s", touched)
+    return sum(touched.values())
 
 
 def job_alive(bridge: Bridge, job_id: str | None) -> bool:
