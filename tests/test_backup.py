@@ -3,8 +3,10 @@ becomes the whole bridge again after ``mailio-bridge rebuild-index``: mailboxes 
 tokens, every folder as it was, handshakes, and sent mail with each recipient's delivery state, which
 Postal's events still find afterwards. Retried deliveries of mail in the backup are still duplicates.
 
-(``test_cli_commands`` proves the rebuild repairs a stale index in place and ``test_sweeper`` that the
-worker rebuilds when Redis lost its data; here the store itself is a copy and Redis another one.)"""
+Both stores: the filesystem (copied as ``rsync``/``cp -a`` would) and S3 on moto (every object copied to
+another bucket, as ``aws s3 sync`` would). (``test_cli_commands`` proves the rebuild repairs a stale index
+in place and ``test_sweeper`` that the worker rebuilds when Redis lost its data; here the store itself is a
+copy and Redis another one.)"""
 
 from __future__ import annotations
 
@@ -22,23 +24,54 @@ from bridge import create_app
 from bridge.__main__ import main
 from bridge.mailio.handshakes import sign_handshake
 from bridge.settings import Settings
-from tests.conftest import DOMAIN, Owner, make_owner, run_worker
-from tests.postal_api import PostalSendAPI
+from tests.conftest import DOMAIN, Owner, bridge_environment, make_owner, run_worker
+from tests.postal_api import API_KEY, PostalSendAPI
 from tests.postal_sim import PostalSigner, raw_payload, ruby_json
 
-# The fixtures are registered by importing them (their names are "domains", "environment", "postal").
-from tests.test_send import (  # noqa: F401
-    domains_fixture,
-    environment_fixture,
-    post_event,
-    postal_fixture,
-    recipients,
-    send,
-    sent_event,
-)
+# The fixtures are registered by importing them (their names are "domains" and "postal").
+from tests.test_send import domains_fixture, post_event, postal_fixture, recipients, send, sent_event  # noqa: F401
 
 pytestmark = pytest.mark.dns
 FOLDERS = ("inbox", "other", "archive", "trash", "spam", "handshake", "sent")
+
+
+@pytest.fixture(name="environment", params=["file", "s3"])
+def environment_fixture(
+    request: Any,
+    tmp_path: Path,
+    redis_url: str,
+    postal_signer: PostalSigner,
+    postal: PostalSendAPI,
+    knot_dns: Any,
+    monkeypatch: Any,
+) -> dict[str, str]:
+    """The bridge on a filesystem store or on an S3 bucket (moto), sending through the send-API server."""
+    extra = {"BRIDGE_POSTAL_URL": postal.url, "BRIDGE_POSTAL_API_KEY": API_KEY, "BRIDGE_POSTAL_TIMEOUT": "1"}
+    if request.param == "s3":
+        s3 = request.getfixturevalue("s3_bucket")
+        for name, value in (
+            ("AWS_ENDPOINT_URL_S3", s3["endpoint"]),
+            ("AWS_ACCESS_KEY_ID", s3["access_key"]),
+            ("AWS_SECRET_ACCESS_KEY", s3["secret_key"]),
+            ("AWS_DEFAULT_REGION", s3["region"]),
+        ):
+            monkeypatch.setenv(name, value)
+        extra["BRIDGE_STORAGE_URL"] = f"s3://{s3['bucket']}"
+    return bridge_environment(tmp_path, redis_url, postal_signer, **extra)
+
+
+def back_up(storage_url: str, tmp_path: Path, request: Any) -> str:
+    """A copy of the whole store, as an operator's backup tool makes it; the URL to restore from."""
+    if storage_url.startswith("file://"):
+        shutil.copytree(storage_url.removeprefix("file://"), tmp_path / "backup")
+        return f"file://{tmp_path / 'backup'}"
+    client = request.getfixturevalue("moto_s3").client()
+    source, copy = storage_url.removeprefix("s3://"), "backup-" + storage_url.removeprefix("s3://")[-12:]
+    client.create_bucket(Bucket=copy)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=source):
+        for item in page.get("Contents", ()):
+            client.copy_object(Bucket=copy, Key=item["Key"], CopySource={"Bucket": source, "Key": item["Key"]})
+    return f"s3://{copy}"
 
 
 def post_delivery(client: Any, signer: PostalSigner, body: bytes) -> Any:
@@ -68,6 +101,7 @@ def test_a_copy_of_the_store_and_an_empty_redis_are_the_whole_bridge_after_rebui
     tmp_path: Path,
     monkeypatch: Any,
     capsys: Any,
+    request: Any,
 ) -> None:
     # --- a bridge in use --------------------------------------------------------------------------
     other = make_owner(bridge, f"sales@{DOMAIN}")
@@ -97,13 +131,12 @@ def test_a_copy_of_the_store_and_an_empty_redis_are_the_whole_bridge_after_rebui
     assert before[owner.mailbox.email]["archive"] == [first] and before[owner.mailbox.email]["sent"] == [sent_id]
 
     # --- the backup: a copy of the object store, nothing of Redis ----------------------------------
-    backup = tmp_path / "backup"
-    shutil.copytree(settings.storage_url.removeprefix("file://"), backup)
+    backup = back_up(settings.storage_url, tmp_path, request)
 
     # --- the restore: the copy as the store, a Redis that has never seen this bridge ---------------
     fresh_redis = redis_url.rsplit("/", 1)[0] + "/1"
     redis.Redis.from_url(fresh_redis).flushdb()
-    restored_env = {**environment, "BRIDGE_STORAGE_URL": f"file://{backup}", "BRIDGE_REDIS_URL": fresh_redis}
+    restored_env = {**environment, "BRIDGE_STORAGE_URL": backup, "BRIDGE_REDIS_URL": fresh_redis}
     restored = create_app(Settings.from_env(restored_env))
     new = restored.test_client()
     assert folders(new, owner)["archive"] == []  # the listings live in Redis: empty until rebuilt
