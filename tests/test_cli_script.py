@@ -31,8 +31,9 @@ def script(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedPr
 
 
 def test_the_script_has_the_same_verbs_and_works_from_any_directory(
-    environment: dict[str, str], owner: Owner, tmp_path: Path, capsys: Any
+    environment: dict[str, str], owner: Owner, tmp_path: Path, capsys: Any, monkeypatch: Any
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps help to the terminal's width: the same for both
     installed = script({}, "--help", cwd=tmp_path)
     with pytest.raises(SystemExit):
         main(["--help"])
