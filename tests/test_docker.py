@@ -45,9 +45,12 @@ def test_one_slim_image_as_a_non_root_user_for_web_and_worker() -> None:
     assert int(uid) >= 1000 and int(gid) >= 1000  # numeric: no name for the host to resolve
     assert json.loads(instructions("CMD")[0]) == ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
     assert any("pip install --no-deps ." in run for run in instructions("RUN"))  # the mailio-bridge script
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "**" in ignore  # everything out of the build context (.venv, var/, keys) but what is named
     for copy in instructions("COPY"):
         *sources, _ = copy.split()
         assert all((ROOT / source).exists() for source in sources), copy
+        assert all(f"!{source}" in ignore for source in sources), copy
 
 
 def healthcheck_command() -> list[str]:
