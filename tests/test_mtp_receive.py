@@ -335,7 +335,9 @@ def test_a_delivery_message_out_of_retries_is_cleaned_up_and_its_failure_kept(
     assert stored_envelopes(bridge) == []  # no delivery message left pending that nothing will send
     job = Job.fetch(f"mtp-delivery-{record['id']}", connection=bridge.redis)
     assert job.get_status() == JobStatus.FAILED  # the failure stays in RQ's failed registry ...
-    assert f"mtp delivery message for {record['id']} not sent: gave up after its retries" in caplog.text  # ... and the log
+    assert (
+        f"mtp delivery message for {record['id']} not sent: gave up after its retries" in caplog.text
+    )  # ... and the log
 
 
 def test_a_stored_envelope_survives_redis_losing_its_note(
@@ -473,11 +475,10 @@ def _sent_message(bridge: Bridge, owner: Owner, peer: Peer, recipient: str, peer
     msg_id = uuid.uuid4().hex
     bridge.outbound.create(owner.mailbox.address, msg_id, f"<{msg_id}@{DOMAIN}>", [recipient])
     bridge.outbound.set_route(owner.mailbox.address, msg_id, recipient, "mailio")
-
-    def note_peer(record: dict[str, Any]) -> None:  # what the Mailio sending leg records (bridge.mailio.accept._peer_of)
-        record["recipients"][0]["peer"] = {"host": peer.domain, "address": peer_address}
-
-    bridge.outbound._update(owner.mailbox.address, msg_id, note_peer)
+    # What the Mailio sending leg records before it posts (bridge.jobs.peer_outbound._note_peers).
+    bridge.outbound.note_peers(
+        owner.mailbox.address, msg_id, {recipient: {"host": peer.domain, "address": peer_address}}
+    )
     return msg_id
 
 

@@ -130,17 +130,12 @@ def _note_peers(bridge: Bridge, owner: str, msg_id: str, group: list[Resolution]
     """Record on each entry where it is sent (``peer``: host and 0x address, ``did``), so that only that
     server's signed delivery message may change its state (``bridge.mailio.accept.apply_delivery``), and who
     sealed what it receives (``peer.sealed_by``: ``client`` or ``server``; the reason changes later)."""
-    wanted = {item.address.lower(): item for item in group}
-
-    def change(record: dict[str, Any]) -> None:
-        for entry in record["recipients"]:
-            item = wanted.get(entry["address"].lower())
-            if item is not None and item.kid:
-                entry["peer"] = {"host": item.host, "address": item.kid.rpartition("#")[2], "sealed_by": sealed_by}
-                entry["did"] = item.kid
-
-    # The store has no public setter for this yet; _update is its one locked read-modify-write.
-    bridge.outbound._update(owner, msg_id, change)
+    peers, dids = {}, {}
+    for item in group:
+        if item.kid and item.host:
+            peers[item.address] = {"host": item.host, "address": item.kid.rpartition("#")[2], "sealed_by": sealed_by}
+            dids[item.address] = item.kid
+    bridge.outbound.note_peers(owner, msg_id, peers, dids)
 
 
 def _body(bridge: Bridge, owner: str, msg_id: str, sent_record: dict[str, Any]) -> bytes | dict[str, Any] | None:

@@ -225,6 +225,30 @@ class OutboundStore:
 
         return self._update(owner, msg_id, change)
 
+    def note_peers(
+        self,
+        owner: str,
+        msg_id: str,
+        peers: Mapping[str, Mapping[str, str]],
+        dids: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Note where the Mailio leg sends recipients, before it posts: ``peers[address]`` becomes the entry's
+        ``peer`` (``host``: the Mailio host it is POSTed to, ``address``: the recipient's 0x address there,
+        and what else the leg keeps, such as ``sealed_by``), ``dids[address]`` its ``did``. Only that host's
+        signed delivery message may then move the recipient (``bridge.mailio.accept.apply_delivery``)."""
+        for peer in peers.values():
+            if not (isinstance(peer.get("host"), str) and isinstance(peer.get("address"), str)):
+                raise ValueError("a peer needs its host and address")
+        addresses = list(peers)
+
+        def change(record: dict[str, Any]) -> None:
+            for address, found in zip(addresses, entries(record, addresses), strict=True):
+                found["peer"] = dict(peers[address])
+                if dids is not None and address in dids:
+                    found["did"] = dids[address]
+
+        return self._update(owner, msg_id, change)
+
     # --- lookups and the index ------------------------------------------------------------------
 
     def find_postal(self, postal_id: int, token: str | None = None) -> Location | None:
