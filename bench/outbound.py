@@ -56,20 +56,24 @@ OUT = Path(__file__).resolve().parent / "OUTBOUND.md"
 JOBS_PER_MESSAGE = 2  # routing and the Postal leg (the contacts job runs only for a recipient not recorded before)
 
 
-def _bare_round(url: str, count: int, message: bytes) -> float:
-    """Seconds per call of ``count`` direct send/raw calls."""
+def _bare_round(url: str, count: int, message: bytes) -> tuple[float, float]:
+    """Seconds per call of ``count`` direct send/raw calls: wall clock, and this process's CPU (the client's
+    and the send-API server's, which runs in this process too)."""
     body = {"mail_from": f"owner@{DOMAIN}", "rcpt_to": [RECIPIENT], "data": base64.b64encode(message).decode()}
     headers = {"X-Server-API-Key": API_KEY, "Connection": "close"}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         answer = requests.post(f"{url}/api/v1/send/raw", json=body, headers=headers, timeout=10)
         if answer.json().get("status") != "success":
             raise RuntimeError(f"bare call refused: {answer.text[:200]}")
-    return (time.perf_counter() - started) / count
+    return (time.perf_counter() - started) / count, (time.process_time() - cpu) / count
 
 
-def _bridge_round(client: Any, bridge: Any, auth: dict[str, str], count: int, postal: PostalSendAPI) -> float:
-    """Seconds per delivery of the worker's jobs for ``count`` submitted messages (submission untimed)."""
+def _bridge_round(
+    client: Any, bridge: Any, auth: dict[str, str], count: int, postal: PostalSendAPI
+) -> tuple[float, float]:
+    """Seconds per delivery of the worker's jobs for ``count`` submitted messages (submission untimed):
+    wall clock and CPU, as ``_bare_round``."""
     before = postal.accepted[RECIPIENT]
     for n in range(count):
         answer = client.post(
@@ -78,26 +82,26 @@ def _bridge_round(client: Any, bridge: Any, auth: dict[str, str], count: int, po
         if answer.status_code != 202:
             raise RuntimeError(f"submission refused: {answer.status_code} {answer.get_data()[:200]!r}")
     worker = SimpleWorker([bridge.queue], connection=bridge.redis)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     worker.work(burst=True, with_scheduler=False, logging_level="WARNING")
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     if postal.accepted[RECIPIENT] - before != count:
         raise RuntimeError(f"Postal accepted {postal.accepted[RECIPIENT] - before} of {count}")
-    return elapsed / count
+    return elapsed / count, cpu / count
 
 
 def noop() -> None:
     """A job that does nothing: what RQ costs per job by itself."""
 
 
-def _noop_round(bridge: Any, count: int) -> float:
+def _noop_round(bridge: Any, count: int) -> tuple[float, float]:
     """Seconds per job of ``count`` queued no-op jobs, run by the worker (queueing untimed, as above)."""
     for _ in range(count):
         enqueue(bridge, "bench.outbound.noop")
     worker = SimpleWorker([bridge.queue], connection=bridge.redis)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     worker.work(burst=True, with_scheduler=False, logging_level="WARNING")
-    return (time.perf_counter() - started) / count
+    return (time.perf_counter() - started) / count, (time.process_time() - cpu) / count
 
 
 def _discovery(bridge: Any, rounds: int, count: int = 2000) -> dict[str, list[float]]:
@@ -200,7 +204,7 @@ def _measure(root: Path, redis_url: str, nameserver: str, postal: PostalSendAPI,
     client = app.test_client()
     message = f"From: owner@{DOMAIN}\r\nTo: {RECIPIENT}\r\nSubject: bench\r\n\r\n{'x' * 1500}\r\n".encode()
     # The first message to a new recipient pays its contact-book scrypt and the first discovery: apart.
-    first = _bridge_round(client, bridge, auth, 1, postal)
+    first = _bridge_round(client, bridge, auth, 1, postal)[0]
     bare, full, unsynced, rq = [], [], [], []
     for _ in range(rounds):
         bare.append(_bare_round(postal.url, count, message))
@@ -208,7 +212,8 @@ def _measure(root: Path, redis_url: str, nameserver: str, postal: PostalSendAPI,
         bridge.objects.fsync = False  # the file store's switch (BRIDGE_FSYNC), for this round only
         unsynced.append(_bridge_round(client, bridge, auth, count, postal))
         bridge.objects.fsync = True
-        rq.append(_noop_round(bridge, count * JOBS_PER_MESSAGE) * JOBS_PER_MESSAGE)
+        wall, cpu = _noop_round(bridge, count * JOBS_PER_MESSAGE)
+        rq.append((wall * JOBS_PER_MESSAGE, cpu * JOBS_PER_MESSAGE))
     thousand = [_thousand(client, bridge, auth, postal) for _ in range(max(1, rounds))]
     discovery = _discovery(bridge, rounds)
     context.use(None)
@@ -224,13 +229,15 @@ def _measure(root: Path, redis_url: str, nameserver: str, postal: PostalSendAPI,
 
 
 def _report(result: dict, count: int, rounds: int) -> str:
-    bare, full = statistics.median(result["bare"]) * 1000, statistics.median(result["full"]) * 1000
-    rq = statistics.median(result["rq"]) * 1000
-    unsynced = statistics.median(result["unsynced"]) * 1000
-    overhead = full - bare
+    def ms(name: str, which: int) -> float:
+        return statistics.median(pair[which] for pair in result[name]) * 1000
+
+    bare, full, rq, unsynced = (ms(name, 0) for name in ("bare", "full", "rq", "unsynced"))
+    bare_cpu, full_cpu, rq_cpu, unsynced_cpu = (ms(name, 1) for name in ("bare", "full", "rq", "unsynced"))
+    overhead, cpu_overhead = full - bare, full_cpu - bare_cpu
     goal = "< 2 ms beyond the round trip: " + ("met" if overhead < 2.0 else "**missed**")
     runs = " / ".join(
-        f"{b * 1000:.2f} vs {f * 1000:.2f} (no fsync {u * 1000:.2f}, RQ {q * 1000:.2f})"
+        f"{b[0] * 1000:.2f} vs {f[0] * 1000:.2f} (no fsync {u[0] * 1000:.2f}, RQ {q[0] * 1000:.2f})"
         for b, f, u, q in zip(result["bare"], result["full"], result["unsynced"], result["rq"], strict=True)
     )
     many = result["thousand"]
@@ -246,18 +253,23 @@ def _report(result: dict, count: int, rounds: int) -> str:
 
 - Date: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; {rounds} interleaved rounds of {count} deliveries;
   load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.
+- CPU is this process's (``time.process_time``): steadier than the wall clock on a shared machine, but it
+  leaves out Redis's and the kernel's work for other processes.
 - bare: direct send/raw calls to the local send-API server; bridge: the worker's jobs (routing, Postal leg,
   contacts) for messages submitted beforehand, in-process (RQ SimpleWorker, burst), same server, same recipient;
   RQ: {JOBS_PER_MESSAGE} jobs that do nothing per message, run the same way (RQ's own bookkeeping per message).
 - Store: the filesystem store with fsync (the default; one round each with it off), Redis on loopback;
   2 cores shared with other test suites: compare within a run.
 
-| measure | bare (HTTP round trip) | bridge | overhead | goal |
+| ms per delivery, medians of rounds | bare (HTTP round trip) | bridge | overhead | goal |
 |---|---|---|---|---|
-| ms per delivery (median of rounds) | {bare:.2f} | {full:.2f} | {overhead:.2f} ms ({full / bare:.1f}x) | {goal} |
-| of which RQ's own, {JOBS_PER_MESSAGE} empty jobs per message | | {rq:.2f} | {rq:.2f} ms | |
+| wall clock | {bare:.2f} | {full:.2f} | {overhead:.2f} ms ({full / bare:.1f}x) | {goal} |
+| of which RQ's own ({JOBS_PER_MESSAGE} empty jobs per message) | | {rq:.2f} | {rq:.2f} ms | |
 | the bridge's code beyond RQ and the round trip | | | {overhead - rq:.2f} ms | |
-| the same bridge with the store's fsync off | | {unsynced:.2f} | {unsynced - bare:.2f} ms | |
+| wall clock, the store's fsync off | | {unsynced:.2f} | {unsynced - bare:.2f} ms | |
+| CPU of this process (worker and send-API server) | {bare_cpu:.2f} | {full_cpu:.2f} | {cpu_overhead:.2f} ms | |
+| of which RQ's own | | {rq_cpu:.2f} | {rq_cpu:.2f} ms | |
+| CPU, the store's fsync off | | {unsynced_cpu:.2f} | {unsynced_cpu - bare_cpu:.2f} ms | |
 
 Per round (bare vs bridge, ms, and RQ's share): {runs}. Every bridge round's messages were accepted by the
 server exactly once each (checked). The first message to a new recipient took {result["first"] * 1000:.0f} ms
