@@ -301,6 +301,35 @@ def test_a_handshake_request_needs_a_live_offer(client: Any, bridge: Bridge, own
     assert (second[0]["class"], second[0]["subject"], second[0]["detail"]) == (5, 8, 9)
 
 
+def test_a_message_without_intent_or_with_the_references_handshake_intent_loses_no_mail(
+    client: Any, bridge: Bridge, owner: Owner, peer: Peer
+) -> None:
+    """Absent: a message (the reference drops it after its 202). ``handshake``: with an offer nonce a handshake
+    request, without one an ordinary message, screened: never the handshake folder without a live offer."""
+    nonce = bridge.offers.create(owner.mailbox.address)["nonce"]
+    plain = b64(json.dumps({"nonce": nonce}).encode())
+    absent = request_payload(peer, jwe_to(owner), msg_id="no-intent")
+    del absent["didCommMessage"]["intent"]
+    sent = {
+        "no-intent": absent,
+        "empty-intent": request_payload(peer, jwe_to(owner), msg_id="empty-intent", intent=""),
+        "hs-plain": request_payload(peer, jwe_to(owner), msg_id="hs-plain", intent="handshake"),
+        "hs-offer": request_payload(
+            peer, jwe_to(owner), msg_id="hs-offer", intent="handshake", message={"plainBodyBase64": plain}
+        ),
+        "hs-spent": request_payload(
+            peer, jwe_to(owner), msg_id="hs-spent", intent="handshake", message={"plainBodyBase64": plain}
+        ),
+    }
+    for payload in sent.values():
+        assert post(client, peer.envelope(payload)).status_code == 202
+        run_worker(bridge)  # one at a time: the first offer redemption wins
+    folders = {r["mtp"]["id"]: folder for folder in ("other", "handshake") for r in listing(client, owner, folder)}
+    assert folders == {"no-intent": "other", "empty-intent": "other", "hs-plain": "other", "hs-offer": "handshake"}
+    outcomes = [(c[0]["class"], c[0]["subject"], c[0]["detail"]) for c in delivered_codes(peer)]
+    assert outcomes == [(2, 0, 0)] * 4 + [(5, 8, 9)]  # every sender hears how it went; the spent offer fails
+
+
 def test_a_replayed_id_is_answered_again_and_filed_once(
     client: Any, bridge: Bridge, owner: Owner, peer: Peer, server_public: bytes
 ) -> None:
@@ -406,8 +435,12 @@ def _refusals(peer: Peer, owner: Owner) -> dict[str, tuple[bytes, int, str]]:
             "not on senderDomain",
         ),
         "no id": (peer.envelope(no_id), 400, "didCommMessage.id is missing"),
-        "unsupported intent": (peer.envelope(request_payload(peer, body, intent="handshake")), 400, "not supported"),
-        "no intent": (peer.envelope(request_payload(peer, body, intent="")), 400, "intent is missing"),
+        # The reference's own response intent (misspelt; the reference refuses it too).
+        "unsupported intent": (
+            peer.envelope(request_payload(peer, body, intent="handsake_response")),
+            400,
+            "intent 'handsake_response' is not supported",
+        ),
         "no body": (peer.envelope(request_payload(peer, None)), 400, "body is missing"),
         "bad type": (peer.envelope(request_payload(peer, body, message={"type": "text/plain"})), 400, "type"),
         "float timestamp": (peer.envelope(request_payload(peer, body, timestamp=float(now_ms()))), 400, "timestamp"),
@@ -417,7 +450,7 @@ def _refusals(peer: Peer, owner: Owner) -> dict[str, tuple[bytes, int, str]]:
 
 REFUSALS = [
     "unsigned", "forged", "tampered", "no key published", "not cbor", "not json", "stale", "future",
-    "wrong-domain from", "no id", "unsupported intent", "no intent", "no body", "bad type", "float timestamp",
+    "wrong-domain from", "no id", "unsupported intent", "no body", "bad type", "float timestamp",
     "port in domain",
 ]  # fmt: skip
 

@@ -5,6 +5,17 @@ Stricter than the reference (mailio.md section 7): a message needs an ``id`` (re
 storage key on it), an intent we act on, a ``from`` of the form ``did:web:<host>#0x...`` (a delivery
 message may use the reference's ``did:web:<host>:0x...``), and a timestamp inside the window.
 
+Intents (mtp-wire section 3 lists what the reference accepts: absent, ``message``, ``handshake``,
+``delivery``, ``handshake_request``), chosen so that no mail is lost and nothing is granted:
+
+* absent (or empty) is a ``message``. The reference answers 202 and then drops it in its worker, so the
+  sender believes it delivered; we file it, screened like any message, and report it;
+* ``handshake`` is the reference's older name for a handshake request (its worker filed it in the
+  handshake folder). With an offer nonce in ``plainBodyBase64`` it is a ``handshake_request`` (the
+  offer decides, as for one); without one it is filed as a ``message``, screened by the owner's
+  handshakes: it never reaches the handshake folder without a live offer;
+* anything else (the reference's own ``handsake_response`` included) is refused with 400.
+
 Status of the errors (``MtpError``): 400 for shape, 403 for a stale timestamp or a ``from`` that is not
 the signing domain's. Protocol code: no I/O.
 """
@@ -21,6 +32,7 @@ from typing import Any
 from bridge.mailio.discovery import InvalidDomain, normalize_domain
 from bridge.mailio.mtp import (
     INTENT_DELIVERY,
+    INTENT_HANDSHAKE,
     INTENT_HANDSHAKE_REQUEST,
     INTENT_MESSAGE,
     MESSAGE_TYPES,
@@ -29,7 +41,7 @@ from bridge.mailio.mtp import (
 )
 from bridge.mailio.status import StatusCode, parse_status_codes
 
-#: Intents this server acts on; ``handshake`` (and anything else) is refused with 400.
+#: Intents this server acts on (absent and ``handshake`` become one of them: ``_intent``); others get 400.
 ACCEPTED_INTENTS = (INTENT_MESSAGE, INTENT_HANDSHAKE_REQUEST, INTENT_DELIVERY)
 MAX_ID_CHARS = 200
 MAX_DID_CHARS = 400
@@ -144,9 +156,8 @@ def parse_message_request(payload: dict[str, Any]) -> ReceivedMessage:
     msg_id = _text(message, "id", required=True, limit=MAX_ID_CHARS)
     if not msg_id.isprintable() or not msg_id.isascii():
         raise _bad("didCommMessage.id is not printable ASCII")
-    intent = _text(message, "intent", required=True)
-    if intent not in ACCEPTED_INTENTS:
-        raise _bad(f"intent {intent[:40]!r} is not supported (message, handshake_request, delivery)")
+    plain = _text(message, "plainBodyBase64", required=False)
+    intent = _intent(_text(message, "intent", required=False), plain)
     try:
         sender = parse_did_web(message.get("from"), allow_reference_form=intent == INTENT_DELIVERY)
     except ValueError as exc:
@@ -154,7 +165,6 @@ def parse_message_request(payload: dict[str, Any]) -> ReceivedMessage:
     to = message.get("to") or []
     if not isinstance(to, list) or not all(isinstance(t, str) for t in to) or len(to) > MAX_RECIPIENTS:
         raise _bad("didCommMessage.to is not a list of text")
-    plain = _text(message, "plainBodyBase64", required=False)
     body = None
     codes: tuple[StatusCode, ...] = ()
     if intent == INTENT_DELIVERY:
@@ -169,6 +179,17 @@ def parse_message_request(payload: dict[str, Any]) -> ReceivedMessage:
         if intent == INTENT_HANDSHAKE_REQUEST and nonce_of(plain) is None:
             raise _bad('plainBodyBase64 is not base64 of {"nonce": "<16 letters>"}')
     return ReceivedMessage(msg_id, kind, sender, intent, timestamp, tuple(to), body, plain, codes)
+
+
+def _intent(given: str, plain_body_base64: str) -> str:
+    """The intent we act on for the one a request names (see the module's docstring); 400 if none."""
+    if not given:
+        return INTENT_MESSAGE
+    if given == INTENT_HANDSHAKE:
+        return INTENT_HANDSHAKE_REQUEST if nonce_of(plain_body_base64) is not None else INTENT_MESSAGE
+    if given not in ACCEPTED_INTENTS:
+        raise _bad(f"intent {given[:40]!r} is not supported (message, handshake, handshake_request, delivery)")
+    return given
 
 
 def nonce_of(plain_body_base64: str) -> str | None:
