@@ -137,21 +137,23 @@ def peer(knot_dns: Any) -> Iterator[Peer]:
     yield from serve_peer(found)
 
 
-@pytest.fixture
-def environment(tmp_path: Path, redis_url: str, postal_signer: Any, peer: Peer) -> dict[str, str]:
+def peer_environment(tmp_path: Path, redis_url: str, postal_signer: Any, peer: Peer, **extra: str) -> dict[str, str]:
+    """A bridge with a server key that reaches ``peer`` on loopback; delivery messages retried once at once."""
     key_file = tmp_path / "server.key"
     create_server_key(key_file)
-    return bridge_environment(
-        tmp_path,
-        redis_url,
-        postal_signer,
-        BRIDGE_SERVER_KEY_FILE=str(key_file),
-        BRIDGE_PEER_URLS=f"{peer.domain}={peer.url}",
-        BRIDGE_ALLOW_INSECURE_PEERS="true",
-        BRIDGE_PEER_ALLOWLIST="127.0.0.1/32",
-        BRIDGE_OUTBOUND_RETRY_DELAYS="0",
-        BRIDGE_MTP_RATE_LIMIT="1000",
-    )
+    settings = {
+        "BRIDGE_SERVER_KEY_FILE": str(key_file),
+        "BRIDGE_PEER_URLS": f"{peer.domain}={peer.url}",
+        "BRIDGE_ALLOW_INSECURE_PEERS": "true",
+        "BRIDGE_PEER_ALLOWLIST": "127.0.0.1/32",
+        "BRIDGE_OUTBOUND_RETRY_DELAYS": "0",
+    }
+    return bridge_environment(tmp_path, redis_url, postal_signer, **(settings | extra))
+
+
+@pytest.fixture
+def environment(tmp_path: Path, redis_url: str, postal_signer: Any, peer: Peer) -> dict[str, str]:
+    return peer_environment(tmp_path, redis_url, postal_signer, peer, BRIDGE_MTP_RATE_LIMIT="1000")
 
 
 @pytest.fixture

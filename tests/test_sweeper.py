@@ -28,12 +28,11 @@ from bridge import context, create_app
 from bridge.context import Bridge
 from bridge.jobs.peer_inbound import DELIVERY_SWEEP
 from bridge.jobs.sweeper import sweep
-from bridge.mailio.server_key import create_server_key
 from bridge.settings import Settings
 from tests.conftest import DOMAIN, Owner, bridge_environment, make_owner, run_worker
 from tests.postal_sim import PostalSigner, PostalSimulator, new_message, raw_payload
 from tests.servers import StoreDir
-from tests.test_mtp_receive import Peer, jwe_to, publish, request_payload, serve_peer
+from tests.test_mtp_receive import Peer, jwe_to, peer_environment, publish, request_payload, serve_peer
 
 
 @pytest.fixture
@@ -233,26 +232,9 @@ def mtp_peer(knot_dns: Any) -> Iterator[Peer]:
     yield from serve_peer(found)
 
 
-def _mtp_environment(
-    tmp_path: Path, redis_url: str, postal_signer: PostalSigner, peer: Peer, retry_delays: str
-) -> dict[str, str]:
-    key_file = tmp_path / "server.key"
-    create_server_key(key_file)
-    return bridge_environment(
-        tmp_path,
-        redis_url,
-        postal_signer,
-        BRIDGE_SERVER_KEY_FILE=str(key_file),
-        BRIDGE_PEER_URLS=f"{peer.domain}={peer.url}",
-        BRIDGE_ALLOW_INSECURE_PEERS="true",
-        BRIDGE_PEER_ALLOWLIST="127.0.0.1/32",
-        BRIDGE_OUTBOUND_RETRY_DELAYS=retry_delays,
-    )
-
-
 @pytest.fixture
 def mtp_env(tmp_path: Path, redis_url: str, postal_signer: PostalSigner, mtp_peer: Peer) -> dict[str, str]:
-    return _mtp_environment(tmp_path, redis_url, postal_signer, mtp_peer, "0")
+    return peer_environment(tmp_path, redis_url, postal_signer, mtp_peer)
 
 
 def _receive(app: Flask, peer: Peer, owner: Owner) -> None:
@@ -316,7 +298,7 @@ def test_pending_delivery_messages_whose_job_is_gone_are_sent_again_or_dropped(
     tmp_path: Path, redis_url: str, postal_signer: PostalSigner, mtp_peer: Peer
 ) -> None:
     # One retry, an hour after the first try: every delivery message waits on a scheduled job.
-    env = _mtp_environment(tmp_path, redis_url, postal_signer, mtp_peer, "3600")
+    env = peer_environment(tmp_path, redis_url, postal_signer, mtp_peer, BRIDGE_OUTBOUND_RETRY_DELAYS="3600")
     for app in _app(env):
         bridge_: Bridge = app.extensions["bridge"]
         owner = make_owner(bridge_, f"support@{DOMAIN}")

@@ -180,7 +180,7 @@ def record_contacts(owner: str, msg_id: str) -> int:
 def deliver_postal(owner: str, msg_id: str) -> dict[str, int]:
     """Hand the message's queued SMTP recipients to Postal; returns outcome counts."""
     bridge = context.current()
-    with _delivery_lock(bridge, owner, msg_id) as held:
+    with message_lock(bridge, "deliver", owner, msg_id, DELIVER_TIMEOUT) as held:
         if not held:
             raise RetryLater("another delivery job of this message is running")
         return _deliver(bridge, owner, msg_id)
@@ -338,11 +338,12 @@ def reconcile_outbound(limit: int = 200) -> dict[str, int]:
 
 
 @contextmanager
-def _delivery_lock(bridge: Bridge, owner: str, msg_id: str) -> Iterator[bool]:
-    """One delivery job per message at a time; outlives the job's time limit, freed by its holder."""
-    key, token = f"{PREFIX}outbound:deliver:{owner}/{msg_id}", secrets.token_hex(8)
+def message_lock(bridge: Bridge, kind: str, owner: str, msg_id: str, job_timeout: int) -> Iterator[bool]:
+    """One ``kind`` delivery job per message at a time (``deliver``: Postal, ``mailio``: peers); whether this
+    one holds it. The lock outlives the job's time limit and is freed by its holder."""
+    key, token = f"{PREFIX}outbound:{kind}:{owner}/{msg_id}", secrets.token_hex(8)
     try:
-        held = bool(bridge.redis.set(key, token, nx=True, ex=DELIVER_TIMEOUT + 60))
+        held = bool(bridge.redis.set(key, token, nx=True, ex=job_timeout + 60))
     except REDIS_ERRORS as exc:
         raise RetryLater("redis unavailable") from exc
     try:
@@ -352,7 +353,7 @@ def _delivery_lock(bridge: Bridge, owner: str, msg_id: str) -> Iterator[bool]:
             try:
                 bridge.redis.eval(_RELEASE, 1, key, token)
             except REDIS_ERRORS:
-                log.warning("deliver: could not release the lock of %s (it expires)", msg_id)
+                log.warning("%s: could not release the lock of %s (it expires)", kind, msg_id)
 
 
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"

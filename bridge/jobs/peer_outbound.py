@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from bridge import context
 from bridge.context import Bridge
-from bridge.jobs.outbound import RetryLater, _drop_spool_when_done, _last_try
+from bridge.jobs.outbound import RetryLater, _drop_spool_when_done, _last_try, message_lock
 from bridge.jobs.queue import enqueue
 from bridge.mailio.discovery import MAILIO
 from bridge.mailio.identity import did_web
 from bridge.mailio.peer_send import NotSent, PeerSender, Resolution, Sent, for_host, seal_for_peers
 from bridge.mailio.server_key import ServerKeyError, load_server_key
 from bridge.sealing import Recipient
-from bridge.store.index import PREFIX, REDIS_ERRORS
 from bridge.store.outbound import ACCEPTED, FAILED, QUEUED
 
 log = logging.getLogger(__name__)
@@ -64,7 +60,7 @@ def sender(bridge: Bridge) -> PeerSender:
 def deliver_mailio(owner: str, msg_id: str) -> dict[str, int]:
     """Send the message to its queued Mailio recipients; returns outcome counts (for logs and tests)."""
     bridge = context.current()
-    with _lock(bridge, owner, msg_id) as held:
+    with message_lock(bridge, "mailio", owner, msg_id, MAILIO_TIMEOUT) as held:
         if not held:
             raise RetryLater("another Mailio delivery job of this message is running")
         counts = _deliver(bridge, owner, msg_id)
@@ -173,23 +169,3 @@ def _not_sent(bridge: Bridge, owner: str, msg_id: str, addresses: list[str], rea
     for address in addresses:
         bridge.outbound.set_state(owner, msg_id, address, FAILED, f"gave up after retries: {reason}"[:300])
     return {"failed": len(addresses)}
-
-
-@contextmanager
-def _lock(bridge: Bridge, owner: str, msg_id: str) -> Iterator[bool]:
-    key, token = f"{PREFIX}outbound:mailio:{owner}/{msg_id}", secrets.token_hex(8)
-    try:
-        held = bool(bridge.redis.set(key, token, nx=True, ex=MAILIO_TIMEOUT + 60))
-    except REDIS_ERRORS as exc:
-        raise RetryLater("redis unavailable") from exc
-    try:
-        yield held
-    finally:
-        if held:
-            try:
-                bridge.redis.eval(_RELEASE, 1, key, token)
-            except REDIS_ERRORS:
-                log.warning("mailio: could not release the lock of %s (it expires)", msg_id)
-
-
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import math
 import re
 import time
@@ -52,6 +51,7 @@ from bridge.mailio.identity import (
     parse_public_key_b64,
     verify_ed25519,
 )
+from bridge.mailio.mtp import MtpError, decode_cbor
 
 STATUSES = ("accepted", "revoked", "notfound", "request")
 LEVELS = ("none", "recaptchaV3", "poh", "personal")
@@ -135,41 +135,15 @@ def _b64decode(value: Any, *, name: str) -> bytes:
         raise _bad(f"{name} is not valid base64") from None
 
 
-def _check_json_able(value: Any, depth: int = 0) -> None:
-    """Refuse anything JSON cannot carry (bytes, tags' objects, NaN, cycles from shared references)."""
-    if depth > MAX_DEPTH:
-        raise _bad("cborPayloadBase64 is nested too deeply")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise _bad("cborPayloadBase64 has a map key that is not text")
-            _check_json_able(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check_json_able(item, depth + 1)
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise _bad("cborPayloadBase64 holds a non-finite number")
-    elif value is not None and not isinstance(value, str | int):
-        raise _bad("cborPayloadBase64 holds a value JSON cannot carry")
-
-
 def decode_content(raw: bytes) -> dict[str, Any]:
     """Decode exactly one CBOR map from ``raw``: no trailing bytes, no duplicate keys, bounded depth,
     nothing JSON cannot carry. Raises ``HandshakeError(400)``. Never re-encode what this returns for
-    verification: the signature covers the received bytes, which need not be canonical."""
-    stream = io.BytesIO(raw)
+    verification: the signature covers the received bytes, which need not be canonical. The same strict
+    decoding as MTP payloads (``bridge.mailio.mtp.decode_cbor``), with a handshake's shallower depth."""
     try:
-        decoder = cbor2.CBORDecoder(stream, max_depth=MAX_DEPTH, allow_duplicate_keys=False, strict_hashable_types=True)
-        item = decoder.decode()
-    except Exception:  # cbor2 and its tag decoders raise many types; all mean "not valid CBOR for us"
-        raise _bad("cborPayloadBase64 is not a valid CBOR item") from None
-    if stream.tell() != len(raw):
-        raise _bad("cborPayloadBase64 has trailing bytes after the CBOR item")
-    if not isinstance(item, dict):
-        raise _bad("cborPayloadBase64 is not a CBOR map")
-    _check_json_able(item)
-    return item
+        return decode_cbor(raw, max_depth=MAX_DEPTH)
+    except MtpError as exc:
+        raise _bad(str(exc)) from None
 
 
 def _text(content: dict[str, Any], name: str) -> str:

@@ -96,14 +96,15 @@ def encode_cbor(payload: dict[str, Any]) -> bytes:
     return cbor2.dumps(payload)
 
 
-def decode_cbor(raw: bytes) -> dict[str, Any]:
+def decode_cbor(raw: bytes, *, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     """Exactly one CBOR map, no trailing bytes, no duplicate keys, bounded depth, only what JSON carries.
 
     Call it on bytes whose signature was verified (:func:`verify` does). Raises ``MtpError(400)``.
+    Signed handshakes are decoded by it too (``bridge.mailio.handshakes.decode_content``).
     """
     stream = io.BytesIO(raw)
     try:
-        decoder = cbor2.CBORDecoder(stream, max_depth=MAX_DEPTH, allow_duplicate_keys=False, strict_hashable_types=True)
+        decoder = cbor2.CBORDecoder(stream, max_depth=max_depth, allow_duplicate_keys=False, strict_hashable_types=True)
         item = decoder.decode()
     except Exception:  # cbor2 and its tag decoders raise many types; all mean "not CBOR we take"
         raise _bad("cborPayloadBase64 is not a valid CBOR item") from None
@@ -111,22 +112,22 @@ def decode_cbor(raw: bytes) -> dict[str, Any]:
         raise _bad("cborPayloadBase64 has trailing bytes after the CBOR item")
     if not isinstance(item, dict):
         raise _bad("cborPayloadBase64 is not a CBOR map")
-    _check_plain(item, 0)
+    _check_plain(item, 0, max_depth)
     return item
 
 
-def _check_plain(value: Any, depth: int) -> None:
+def _check_plain(value: Any, depth: int, max_depth: int) -> None:
     """Refuse byte strings, tags' objects, non-text keys and non-finite numbers: no MTP payload has them."""
-    if depth > MAX_DEPTH:
+    if depth > max_depth:
         raise _bad("cborPayloadBase64 is nested too deeply")
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise _bad("cborPayloadBase64 has a map key that is not text")
-            _check_plain(item, depth + 1)
+            _check_plain(item, depth + 1, max_depth)
     elif isinstance(value, list):
         for item in value:
-            _check_plain(item, depth + 1)
+            _check_plain(item, depth + 1, max_depth)
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise _bad("cborPayloadBase64 holds a non-finite number")

@@ -103,6 +103,27 @@ def sealed_submission(document: dict[str, Any], mailbox: Mailbox, domain: str) -
         return None, str(exc)
 
 
+def sent_record(mailbox: Mailbox, msg_id: str, outgoing: Outgoing, size: int, **extra: Any) -> dict[str, Any]:
+    """The record of the owner's sent copy, filed in ``sent`` (for either kind of submission); ``extra``
+    adds members such as ``sealed_by``."""
+    now = time.time()
+    return {
+        "id": msg_id,
+        "mailbox": mailbox.address,
+        "status": STATUS_FILED,
+        "folder": "sent",
+        "received_at": now,
+        "sent_at": now,
+        "size": size,
+        "source": "owner",
+        **extra,
+        "message_id": outgoing.message_id,
+        "sender": {"from": outgoing.from_address},
+        "verdicts": {},
+        "reason": None,
+    }
+
+
 def store_client_sealed(bridge: Bridge, mailbox: Mailbox, msg_id: str, outgoing: Outgoing, sealed: dict) -> None:
     """Store a message the client sealed: its JWE is the owner's sent copy and what Mailio peers receive.
 
@@ -110,24 +131,8 @@ def store_client_sealed(bridge: Bridge, mailbox: Mailbox, msg_id: str, outgoing:
     The record says ``sealed_by: client``; it is written before the outbound record, so the Mailio leg
     never sees a message without it.
     """
-    now = time.time()
-    record: dict[str, Any] = {
-        "id": msg_id,
-        "mailbox": mailbox.address,
-        "status": STATUS_FILED,
-        "folder": "sent",
-        "received_at": now,
-        "sent_at": now,
-        "size": 0,
-        "source": "owner",
-        "sealed_by": SEALED_BY_CLIENT,
-        "message_id": outgoing.message_id,
-        "sender": {"from": outgoing.from_address},
-        "verdicts": {},
-        "reason": None,
-    }
     body = json.dumps(sealed, separators=(",", ":")).encode()
-    record["size"] = len(body)
+    record = sent_record(mailbox, msg_id, outgoing, len(body), sealed_by=SEALED_BY_CLIENT)
     bridge.messages.create_body(mailbox.address, msg_id, body)
     bridge.messages.put_record(record)
     bridge.outbound.create(mailbox.address, msg_id, f"<{outgoing.message_id}>", outgoing.recipients)

@@ -49,11 +49,11 @@ from bridge.mailio.discovery import InvalidDomain, normalize_domain
 from bridge.sealing import seal, sealed_chunks
 from bridge.store.index import PREFIX, REDIS_ERRORS
 from bridge.store.mailboxes import Mailbox, MailboxError, normalize_email
-from bridge.store.messages import STATUS_FILED, is_message_id, message_id
+from bridge.store.messages import is_message_id, message_id
 from bridge.store.outbound import QUEUED
 from bridge.web.api import _json_body, _unreadable_body, error, owner_only
 from bridge.web.postal import BodyIncomplete, BodyTooLarge, cut_off, read_body, request_limit
-from bridge.web.recipients import sealed_submission, store_client_sealed
+from bridge.web.recipients import sealed_submission, sent_record, store_client_sealed
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("send", __name__, url_prefix="/api/v1")
@@ -173,21 +173,7 @@ def _take_quota(bridge: Bridge, owner: str, recipients: int) -> bool:
 
 
 def _store(bridge: Bridge, mailbox: Mailbox, msg_id: str, outgoing: Outgoing) -> None:
-    now = time.time()
-    record: dict[str, Any] = {
-        "id": msg_id,
-        "mailbox": mailbox.address,
-        "status": STATUS_FILED,
-        "folder": "sent",
-        "received_at": now,
-        "sent_at": now,
-        "size": len(outgoing.owner_copy),
-        "source": "owner",
-        "message_id": outgoing.message_id,
-        "sender": {"from": outgoing.from_address},
-        "verdicts": {},
-        "reason": None,
-    }
+    record = sent_record(mailbox, msg_id, outgoing, len(outgoing.owner_copy))
     aad = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
     sealed = seal(outgoing.owner_copy, [mailbox.recipient(bridge.settings.domain)], aad)
     bridge.messages.create_body(mailbox.address, msg_id, sealed_chunks(sealed))
