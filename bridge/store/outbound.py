@@ -12,14 +12,12 @@ by concern, and re-exports what callers import from here:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import redis
 
-from bridge.store.index import PREFIX, as_text
 from bridge.store.objects import ObjectStore
 from bridge.store.outbound_records import (
     INDEX_SECONDS,
@@ -28,7 +26,6 @@ from bridge.store.outbound_records import (
     WAITING,
     OutboundBusy,
     RecordStore,
-    mid_key,
 )
 from bridge.store.outbound_states import (
     ACCEPTED,
@@ -55,7 +52,7 @@ from bridge.store.outbound_states import (
     find,
     may_move,
     move,
-    new_recipient,
+    new_record,
     normalize_message_id,
     public_recipients,
     route,
@@ -92,15 +89,7 @@ class OutboundStore:
         Recipients are collapsed case-insensitively, the first spelling kept. ``message_id`` is the
         Message-ID header the bridge set in what it sends (Postal reports it back in every event).
         """
-        now = time.time()
-        seen: dict[str, dict[str, Any]] = {}
-        for address in recipients:
-            seen.setdefault(address.strip().lower(), new_recipient(address.strip(), now))
-        if not seen:
-            raise ValueError("no recipients")
-        record: dict[str, Any] = {"owner": owner, "id": msg_id, "message_id": normalize_message_id(message_id)}
-        record |= {"created_at": now, "updated_at": now, "recipients": list(seen.values())}
-        return self._records.create(record)
+        return self._records.create(new_record(owner, msg_id, message_id, recipients))
 
     def get(self, owner: str, msg_id: str) -> dict[str, Any] | None:
         return self._records.get(owner, msg_id)
@@ -110,10 +99,8 @@ class OutboundStore:
         return self.set_routes(owner, msg_id, {address: (route_, reason)})
 
     def set_routes(self, owner: str, msg_id: str, routes: Mapping[str, tuple[str, str | None]]) -> dict[str, Any]:
-        """``set_route`` for many recipients in one record update: ``{address: (route, reason)}``."""
-        for route_, _ in routes.values():
-            if route_ not in ROUTES:
-                raise ValueError(f"unknown route {route_!r}")
+        """``set_route`` for many recipients in one record update: ``{address: (route, reason)}``; an
+        unknown route is a ValueError and changes nothing."""
 
         def change(record: dict[str, Any]) -> None:
             for found, (route_, reason) in zip(entries(record, list(routes)), routes.values(), strict=True):
@@ -254,39 +241,20 @@ class OutboundStore:
     def find_postal(self, postal_id: int, token: str | None = None) -> Location | None:
         """The recipient Postal's message ``postal_id`` belongs to; None if not ours (or the token differs:
         ids are unique only within one Postal server, and one install signs for all its servers)."""
-        raw = self._records.call(lambda: self._records.redis.get(f"{PREFIX}outbound:postal:{int(postal_id)}"))
-        if raw is None:
-            return None
-        found = json.loads(raw)
-        if token is not None and found.get("token") not in (None, token):
-            return None
-        return Location(found["owner"], found["id"], found["address"])
+        return self._records.find_postal(postal_id, token)
 
     def find_message_id(self, message_id: str) -> tuple[str, str] | None:
         """(owner, msg id) of the message the bridge sent with this Message-ID."""
-        raw = self._records.call(lambda: self._records.redis.get(mid_key(message_id)))
-        if raw is None:
-            return None
-        owner, _, msg_id = as_text(raw).partition("/")
-        return owner, msg_id
+        return self._records.find_message_id(message_id)
 
     def waiting(self, updated_before: float, limit: int = 100) -> list[Location]:
         """Recipients left ``uncertain``/``accepted``/``delayed``/``held`` since before ``updated_before``,
         oldest first: what a reconciler asks Postal's message API about (its webhooks stop after ~36 min)."""
-        connection = self._records.redis
-        members = self._records.call(lambda: connection.zrangebyscore(WAITING, "-inf", updated_before, 0, limit))
-        return [Location(*as_text(m).split("/", 2)) for m in members]
+        return self._records.waiting(updated_before, limit)
 
     def rebuild_index(self) -> int:
         """Re-index every record from the store (after Redis lost its data); returns how many."""
-        count = 0
-        objects = self._records.objects
-        for key in objects.list("outbound/"):
-            data = objects.get(key)
-            if data:
-                self._records.index(json.loads(data))
-                count += 1
-        return count
+        return self._records.rebuild_index()
 
     # --- Postal's events ------------------------------------------------------------------------
 

@@ -36,9 +36,9 @@ from typing import Any
 import redis
 
 from bridge.errors import RedisUnavailable
-from bridge.store.index import PREFIX, REDIS_ERRORS
+from bridge.store.index import PREFIX, REDIS_ERRORS, as_text
 from bridge.store.objects import ObjectStore
-from bridge.store.outbound_states import OPEN, NoSuchRecord, PostalEvent, normalize_message_id
+from bridge.store.outbound_states import OPEN, Location, NoSuchRecord, PostalEvent, normalize_message_id
 
 WAITING = PREFIX + "outbound:waiting"
 INDEX_SECONDS = 30 * 86400  # bounces can come days after Postal's ~31 h of delivery attempts
@@ -133,6 +133,37 @@ class RecordStore:
                 pipe.set(f"{PREFIX}outbound:postal:{entry['postal']['id']}", value, ex=INDEX_SECONDS)
         if own:
             self.call(pipe.execute)
+
+    # --- lookups ------------------------------------------------------------------------------------
+
+    def find_postal(self, postal_id: int, token: str | None) -> Location | None:
+        raw = self.call(lambda: self.redis.get(f"{PREFIX}outbound:postal:{int(postal_id)}"))
+        if raw is None:
+            return None
+        found = json.loads(raw)
+        if token is not None and found.get("token") not in (None, token):
+            return None
+        return Location(found["owner"], found["id"], found["address"])
+
+    def find_message_id(self, message_id: str) -> tuple[str, str] | None:
+        raw = self.call(lambda: self.redis.get(mid_key(message_id)))
+        if raw is None:
+            return None
+        owner, _, msg_id = as_text(raw).partition("/")
+        return owner, msg_id
+
+    def waiting(self, updated_before: float, limit: int) -> list[Location]:
+        members = self.call(lambda: self.redis.zrangebyscore(WAITING, "-inf", updated_before, 0, limit))
+        return [Location(*as_text(m).split("/", 2)) for m in members]
+
+    def rebuild_index(self) -> int:
+        count = 0
+        for key in self.objects.list("outbound/"):
+            data = self.objects.get(key)
+            if data:
+                self.index(json.loads(data))
+                count += 1
+        return count
 
     # --- events kept until their recipient's Postal id is recorded ---------------------------------
 

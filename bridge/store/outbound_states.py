@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,18 @@ def route(entry: dict[str, Any], kind: str, reason: str | None) -> None:
         move(entry, FAILED, reason or "no mail service for this domain")
     elif reason is not None and may_move(entry["state"], QUEUED):
         move(entry, QUEUED, reason)
+
+
+def new_record(owner: str, msg_id: str, message_id: str, recipients: Iterable[str]) -> dict[str, Any]:
+    """A record with every recipient ``queued``, collapsed case-insensitively (the first spelling kept)."""
+    now = time.time()
+    seen: dict[str, dict[str, Any]] = {}
+    for address in recipients:
+        seen.setdefault(address.strip().lower(), new_recipient(address.strip(), now))
+    if not seen:
+        raise ValueError("no recipients")
+    record: dict[str, Any] = {"owner": owner, "id": msg_id, "message_id": normalize_message_id(message_id)}
+    return record | {"created_at": now, "updated_at": now, "recipients": list(seen.values())}
 
 
 def new_recipient(address: str, now: float) -> dict[str, Any]:
