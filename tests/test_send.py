@@ -204,11 +204,11 @@ def test_a_502_is_uncertain_and_a_refused_connection_is_retried_then_accepted(
     assert postal.accepted[first] == 0  # this proxy answered without passing it on, but nobody can know that
 
     msg_id = send(client, owner, to=[second], subject="s", text="t").get_json()["id"]
-    run_jobs(bridge, 1)  # routing
     with postal.refusing():
-        run_jobs(bridge, 1)  # the delivery: connection refused, provably not sent -> queued again
+        run_jobs(bridge, 1)  # routing and its first call: connection refused, provably not sent -> queued again
         state = recipients(client, owner, msg_id)[second]
         assert state["state"] == "queued" and "will retry" in state["reason"]
+        assert postal.accepted[second] == 0
     run_worker(bridge)
     assert recipients(client, owner, msg_id)[second]["state"] == "accepted"
     assert postal.accepted[second] == 1 and postal.duplicates() == {}
@@ -219,11 +219,12 @@ def test_refused_past_the_last_retry_fails_with_the_reason(
 ) -> None:
     rcpt = f"hal@{domains['smtp']}"
     msg_id = send(client, owner, to=[rcpt], subject="s", text="t").get_json()["id"]
-    run_jobs(bridge, 1)
     with postal.refusing():
-        run_worker(bridge)
+        run_worker(bridge)  # routing's first call, then a delivery job and its retries (delays 0, 0)
     state = recipients(client, owner, msg_id)[rcpt]
     assert state["state"] == "failed" and "gave up after retries" in state["reason"]
+    record = bridge.outbound.get(owner.mailbox.address, msg_id)
+    assert len(record["recipients"][0]["attempts"]) == 3  # one call, then one per delay: no more, no less
     assert not bridge.spool.exists(owner.mailbox.address, msg_id)
 
 
@@ -232,7 +233,6 @@ def test_a_leftover_sending_mark_is_uncertain_not_resent(
 ) -> None:
     rcpt = f"ida@{domains['smtp']}"
     msg_id = send(client, owner, to=[rcpt], subject="s", text="t").get_json()["id"]
-    run_jobs(bridge, 1)  # routing queued the delivery
     bridge.outbound.start_attempt(owner.mailbox.address, msg_id, [rcpt])  # a worker died during its call
     run_worker(bridge)
     assert recipients(client, owner, msg_id)[rcpt]["state"] == "uncertain"
@@ -247,7 +247,7 @@ def test_a_thousand_recipient_message_is_routed_in_bulk_and_tracked_per_recipien
     response = send(client, owner, to=smtp[:500], cc=[mailio, *smtp[500:]], bcc=[nothing], subject="All", text="hi")
     assert response.status_code == 202, response.get_data()[:300]
     msg_id = response.get_json()["id"]
-    run_jobs(bridge, 2)  # the routing job, then the delivery job (the contacts job stays queued)
+    run_jobs(bridge, 1)  # the routing job and its calls to Postal (the contacts job stays queued)
     assert bridge.sender_hashes.computed == 0  # no scrypt on the way to Postal
     calls = [seen for seen in postal.seen if seen.path == "/api/v1/send/raw"]
     assert len(calls) == 20 and all(len(json.loads(c.body)["rcpt_to"]) == 50 for c in calls[:-1])

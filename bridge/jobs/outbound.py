@@ -5,7 +5,12 @@ unrouted (or held for the Mailio leg), and records every route in one update of 
 
 * ``mailio`` -> route ``mailio``, kept ``queued`` with "Mailio delivery not available yet" (the peer leg
   is the next issue's): never sent over SMTP instead, never dropped;
-* ``smtp`` -> route ``smtp``, then one ``deliver_postal`` job for the message;
+* ``smtp`` -> route ``smtp``, and the first attempt to hand them to Postal is made at once, in the routing
+  job (the same code as ``deliver_postal``, under the same per-message lock ``message_lock``; the routes are
+  recorded in the update that marks that first call): one RQ job and one record write fewer per message.
+  A ``deliver_postal`` job is queued only when that attempt was provably not sent (retried after the first
+  of BRIDGE_OUTBOUND_RETRY_DELAYS, then RQ retries it after the rest), or when another delivery job of the
+  message held the lock;
 * ``none`` -> ``failed`` (permanent) with discovery's reason;
 * ``temporary`` (DNS timeout, SERVFAIL) -> the job raises ``RetryLater`` and RQ runs it again after the
   next of BRIDGE_OUTBOUND_RETRY_DELAYS; past the last, those recipients fail with the reason.
@@ -13,8 +18,9 @@ unrouted (or held for the Mailio leg), and records every route in one update of 
 It then queues ``record_contacts(owner, msg_id)``, unless every recipient was recorded before (one Redis
 round trip): screening's "people you wrote to" are kept by their e-mail lookup hash, one scrypt (~120 ms,
 cached in Redis) per address never hashed before, so a 1,000-recipient message costs that job about a
-minute of CPU; it runs after the delivery job, off the path to Postal. A reply that arrives before it has
-run is screened like any unknown sender's.
+minute of CPU; it runs after the first call to Postal, off its path. A reply that arrives before it has
+run is screened like any unknown sender's. Routing and delivery jobs keep no result in Redis (nobody reads
+one): fewer writes per job.
 
 ``deliver_postal(owner, msg_id)`` sends the spooled plaintext with ``send/raw``, 50 recipients a call,
 each call two updates of the record (before and after), whatever the batch's size.
@@ -79,12 +85,17 @@ class RetryLater(Exception):
 
 def enqueue_route(bridge: Bridge, owner: str, msg_id: str) -> str:
     delays = bridge.settings.outbound_retry_delays
-    return enqueue(bridge, ROUTE_JOB, owner, msg_id, job_timeout=ROUTE_TIMEOUT, retry_intervals=delays)
+    return enqueue(bridge, ROUTE_JOB, owner, msg_id, job_timeout=ROUTE_TIMEOUT, retry_intervals=delays, result_ttl=0)
 
 
-def enqueue_delivery(bridge: Bridge, owner: str, msg_id: str) -> str:
+def enqueue_delivery(bridge: Bridge, owner: str, msg_id: str, *, retry: bool = False) -> str:
+    """A delivery job now; ``retry``: the one after the routing job's first attempt was provably not sent,
+    run after the first of BRIDGE_OUTBOUND_RETRY_DELAYS and retried by RQ after the rest (as many tries
+    in all as a delivery job of its own would get)."""
     delays = bridge.settings.outbound_retry_delays
-    return enqueue(bridge, DELIVER_JOB, owner, msg_id, job_timeout=DELIVER_TIMEOUT, retry_intervals=delays)
+    delay, delays = (delays[0], delays[1:]) if retry else (0, delays)
+    options: dict[str, Any] = {"job_timeout": DELIVER_TIMEOUT, "retry_intervals": delays, "result_ttl": 0}
+    return enqueue(bridge, DELIVER_JOB, owner, msg_id, delay=delay, **options)
 
 
 def enqueue_contacts(bridge: Bridge, owner: str, msg_id: str) -> str:
@@ -139,14 +150,17 @@ def route_message(owner: str, msg_id: str) -> dict[str, int]:
         else:
             chosen = ("none", f"no mail service: {reason}")
         routes |= dict.fromkeys(addresses, chosen)
-    if routes:
+    first_call = any(kind == SMTP for kind, _ in routes.values())
+    if first_call:  # the routes are recorded with the first call to Postal
+        record = _deliver_first(bridge, owner, msg_id, routes)
+    elif routes:
         record = bridge.outbound.set_routes(owner, msg_id, routes)
-    if any(e["route"] == SMTP and e["state"] == QUEUED for e in record["recipients"]):
-        enqueue_delivery(bridge, owner, msg_id)
+    if not first_call and any(e["route"] == SMTP and e["state"] == QUEUED for e in record["recipients"]):
+        enqueue_delivery(bridge, owner, msg_id)  # routed by an earlier run of this job
     if mailio_ready(bridge) and any(e["route"] == MAILIO and e["state"] == QUEUED for e in record["recipients"]):
         enqueue_mailio(bridge, owner, msg_id)  # the Mailio leg: bridge.jobs.peer_outbound
     if bridge.contacts.unrecorded(owner, [e["address"] for e in record["recipients"]]):
-        enqueue_contacts(bridge, owner, msg_id)  # after the delivery job: the worker takes that one first
+        enqueue_contacts(bridge, owner, msg_id)  # after the first call to Postal, off its path
     if waiting:
         if not _last_try():
             raise RetryLater(f"discovery did not answer for {len(waiting)} recipient(s)")
@@ -183,37 +197,64 @@ def deliver_postal(owner: str, msg_id: str) -> dict[str, int]:
     with message_lock(bridge, "deliver", owner, msg_id, DELIVER_TIMEOUT) as held:
         if not held:
             raise RetryLater("another delivery job of this message is running")
-        return _deliver(bridge, owner, msg_id)
+        return _deliver(bridge, owner, msg_id)[0]
 
 
-def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
+def _deliver_first(bridge: Bridge, owner: str, msg_id: str, routes: dict[str, tuple[str, str | None]]) -> dict:
+    """The routing job's first attempt at its SMTP recipients, under the delivery lock; ``routes`` are
+    recorded with it. Returns the record as it is afterwards."""
+    with message_lock(bridge, "deliver", owner, msg_id, DELIVER_TIMEOUT) as held:
+        if held:
+            record = _deliver(bridge, owner, msg_id, routes)[1]
+            return record if record is not None else bridge.outbound.get(owner, msg_id) or {"recipients": []}
+    record = bridge.outbound.set_routes(owner, msg_id, routes)
+    enqueue_delivery(bridge, owner, msg_id)  # another delivery job of this message runs: one after it
+    return record
+
+
+def _deliver(
+    bridge: Bridge, owner: str, msg_id: str, routes: dict[str, tuple[str, str | None]] | None = None
+) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """Outcome counts, and the record afterwards when this already holds it (else None). ``routes``: from the
+    routing job, not recorded yet (recorded with the first call's mark, or before giving up without one)."""
     outbound = bridge.outbound
+    first, pending = routes is not None, dict(routes or {})
     record = outbound.get(owner, msg_id)
     if record is None:
-        return {}
+        return {}, None
     if _settle_interrupted(bridge, owner, msg_id, record):
         record = outbound.get(owner, msg_id) or record
-    todo = [e["address"] for e in record["recipients"] if e["route"] == SMTP and e["state"] == QUEUED]
+    todo = [
+        e["address"]
+        for e in record["recipients"]
+        if pending.get(e["address"], (e["route"], None))[0] == SMTP and e["state"] == QUEUED
+    ]
     counts: dict[str, int] = defaultdict(int)
-    if not todo:
-        _drop_spool_when_done(bridge, owner, msg_id, record)
-        return {}
-    spooled = bridge.spool.get(owner, msg_id)
-    if spooled is None:
-        outbound.set_states(owner, msg_id, todo, FAILED, "the copy to send is no longer kept: send it again")
-        return {"failed": len(todo)}
-    mail_from, message = spooled
+    spooled = bridge.spool.get(owner, msg_id) if todo else None  # decrypted once per job
     try:
         client = bridge.postal_client
     except PostalNotConfigured:
-        return _not_sent(bridge, owner, msg_id, todo, "Postal's send API is not configured")
+        client = None
+    if pending and (spooled is None or client is None):  # no call to mark: the routes on their own
+        record = outbound.set_routes(owner, msg_id, pending)
+    if not todo:
+        _drop_spool_when_done(bridge, owner, msg_id, record)
+        return {}, record
+    if spooled is None:
+        outbound.set_states(owner, msg_id, todo, FAILED, "the copy to send is no longer kept: send it again")
+        return {"failed": len(todo)}, None
+    if client is None:
+        return _not_sent(bridge, owner, msg_id, todo, "Postal's send API is not configured", first), None
+    mail_from, message = spooled
     left: list[str] = []  # provably not sent: a later run sends them
     reason, stop = "", False
     for batch in split_recipients(todo):
         if stop:  # after a temporary or uncertain call Postal is in trouble: the rest waits for a later run
             left.extend(batch)
             continue
-        number = outbound.start_attempt(owner, msg_id, batch)  # before the call: a crash leaves "sending"
+        # Before the call (with the routes, on the routing job's first): a crash leaves "sending".
+        number = outbound.start_attempt(owner, msg_id, batch, routes=pending)
+        pending = {}
         result = client.send_raw(mail_from, batch, message)
         # After the call, one update records how it ended and what that means for its recipients.
         end: dict[str, Any] = {}
@@ -231,15 +272,22 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
         record = outbound.end_attempt(owner, msg_id, batch, number, result.outcome, detail, **end)
         counts[result.outcome] += len(batch)
     if left:
-        _not_sent(bridge, owner, msg_id, left, reason)
+        _not_sent(bridge, owner, msg_id, left, reason, first)
         record = None  # changed: read again
     _drop_spool_when_done(bridge, owner, msg_id, record)
     log.info("deliver: %s %s", msg_id, dict(counts))
-    return dict(counts)
+    return dict(counts), record
 
 
-def _not_sent(bridge: Bridge, owner: str, msg_id: str, addresses: list[str], reason: str) -> dict[str, int]:
-    """Recipients provably not sent: retry the job later, or after the last delay fail them with ``reason``."""
+def _not_sent(
+    bridge: Bridge, owner: str, msg_id: str, addresses: list[str], reason: str, first: bool = False
+) -> dict[str, int]:
+    """Recipients provably not sent: retry the job later, or after the last delay fail them with ``reason``.
+    ``first``: the routing job's attempt, retried by a delivery job of its own (the routing job is done)."""
+    if first:
+        bridge.outbound.set_routes(owner, msg_id, dict.fromkeys(addresses, (SMTP, f"will retry: {reason}")))
+        enqueue_delivery(bridge, owner, msg_id, retry=True)
+        return {}
     if not _last_try():
         bridge.outbound.set_routes(owner, msg_id, dict.fromkeys(addresses, (SMTP, f"will retry: {reason}")))
         raise RetryLater(reason)

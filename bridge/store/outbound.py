@@ -136,15 +136,26 @@ class OutboundStore:
             self._drain_pending(record, lambda e: e.to.lower() in unknown)
         return moved
 
-    def start_attempt(self, owner: str, msg_id: str, addresses: Iterable[str]) -> int:
+    def start_attempt(
+        self,
+        owner: str,
+        msg_id: str,
+        addresses: Iterable[str],
+        routes: Mapping[str, tuple[str, str | None]] | None = None,
+    ) -> int:
         """Note, before calling Postal, that these recipients are being sent: returns the attempt number.
 
         A crash leaves the attempt ``sending``: the caller must then treat it as ``uncertain``, not resend.
+        ``routes`` (as ``set_routes``) are recorded in the same update, first: the routing job's first
+        call to Postal costs one record write before it, not two.
         """
         numbers: list[int] = []
         wanted = [a.lower() for a in addresses]
+        chosen = dict(routes or {})
 
         def change(record: dict[str, Any]) -> None:
+            for found, (route_, reason) in zip(entries(record, list(chosen)), chosen.values(), strict=True):
+                route(found, route_, reason)
             number = 1 + max((a["n"] for r in record["recipients"] for a in r["attempts"]), default=0)
             numbers.append(number)
             for found in entries(record, wanted):
