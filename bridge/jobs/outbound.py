@@ -19,8 +19,7 @@ It then queues ``record_contacts(owner, msg_id)``, unless every recipient was re
 round trip): screening's "people you wrote to" are kept by their e-mail lookup hash, one scrypt (~120 ms,
 cached in Redis) per address never hashed before, so a 1,000-recipient message costs that job about a
 minute of CPU; it runs after the first call to Postal, off its path. A reply that arrives before it has
-run is screened like any unknown sender's. Routing and delivery jobs keep no result in Redis (nobody reads
-one): fewer writes per job.
+run is screened like any unknown sender's.
 
 ``deliver_postal(owner, msg_id)`` sends the spooled plaintext with ``send/raw``, 50 recipients a call,
 each call two updates of the record (before and after), whatever the batch's size.
@@ -85,7 +84,7 @@ class RetryLater(Exception):
 
 def enqueue_route(bridge: Bridge, owner: str, msg_id: str) -> str:
     delays = bridge.settings.outbound_retry_delays
-    return enqueue(bridge, ROUTE_JOB, owner, msg_id, job_timeout=ROUTE_TIMEOUT, retry_intervals=delays, result_ttl=0)
+    return enqueue(bridge, ROUTE_JOB, owner, msg_id, job_timeout=ROUTE_TIMEOUT, retry_intervals=delays)
 
 
 def enqueue_delivery(bridge: Bridge, owner: str, msg_id: str, *, retry: bool = False) -> str:
@@ -94,8 +93,7 @@ def enqueue_delivery(bridge: Bridge, owner: str, msg_id: str, *, retry: bool = F
     in all as a delivery job of its own would get)."""
     delays = bridge.settings.outbound_retry_delays
     delay, delays = (delays[0], delays[1:]) if retry else (0, delays)
-    options: dict[str, Any] = {"job_timeout": DELIVER_TIMEOUT, "retry_intervals": delays, "result_ttl": 0}
-    return enqueue(bridge, DELIVER_JOB, owner, msg_id, delay=delay, **options)
+    return enqueue(bridge, DELIVER_JOB, owner, msg_id, job_timeout=DELIVER_TIMEOUT, retry_intervals=delays, delay=delay)
 
 
 def enqueue_contacts(bridge: Bridge, owner: str, msg_id: str) -> str:
