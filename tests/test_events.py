@@ -158,6 +158,7 @@ def test_create_collapses_recipients_and_record_postal_accepts(sent):
         "reason": None,
         "updated_at": pytest.approx(time.time(), abs=30),
         "postal": {"id": 7002, "token": "tokBob"},
+        "peer": None,  # a Mailio recipient's host and sealed_by (tests/test_mtp_e2e.py)
     }
     sent.redis.flushall()  # Redis lost its index: rebuilt from the store
     assert sent.outbound.find_postal(7002) is None

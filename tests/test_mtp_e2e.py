@@ -27,8 +27,10 @@ import pytest
 import requests
 
 from bridge.context import Bridge
+from bridge.mailio.did import parse_did_document
+from bridge.mailio.peer_send import seal_for_peers
 from bridge.mailio.server_key import create_server_key, txt_record
-from bridge.sealing import open_sealed
+from bridge.sealing import Recipient, open_sealed
 from bridge.settings import Settings
 from tests.conftest import Owner, bridge_environment, make_owner
 from tests.dns_server import KnotDNS
@@ -233,3 +235,109 @@ def test_a_message_sealed_on_a_s_cli_reaches_b_sealed_and_a_learns_it_was_delive
     msg_id = answer.json()["id"]
     _wait("bob's state on A (server-sealed)", bobs_state)
     assert _stored_entry(a, msg_id, bob)["peer"]["sealed_by"] == "server"
+
+
+def _cli(side: Side, *command: str) -> str:
+    """``python -m bridge ...`` against ``side``'s API with its owner's token; its stdout."""
+    assert side.owner is not None
+    env = {**os.environ, "BRIDGE_API_URL": side.url, "BRIDGE_API_TOKEN": side.owner.token}
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _key_file(side: Side, path: Path) -> str:
+    assert side.owner is not None
+    path.write_text(json.dumps(side.owner.keys.to_key_file(side.owner.mailbox.email)))
+    return str(path)
+
+
+def test_a_handshake_request_across_servers_then_approval_brings_alices_mail_to_bobs_inbox(
+    sides: tuple[Side, Side], tmp_path: Path, knot_dns: KnotDNS
+) -> None:
+    a, b = sides
+    assert a.owner is not None and b.owner is not None
+    alice_key, bob_key = _key_file(a, tmp_path / "alice.json"), _key_file(b, tmp_path / "bob.json")
+    bob = b.owner.mailbox.email
+
+    def state_on_a(msg_id: str, wanted: str) -> dict[str, Any] | None:
+        entry = next(r for r in a.get(f"/api/v1/messages/{msg_id}")["recipients"] if r["address"] == bob)
+        return entry if entry["state"] == wanted else None
+
+    def folder_on_b(folder: str) -> list[dict[str, Any]]:
+        return list(b.get(f"/api/v1/messages?folder={folder}")["messages"])
+
+    # bob asks B for an offer and gives it to alice; alice's CLI on A sends a handshake request with it.
+    answer = requests.post(f"{b.url}/api/v1/handshake-offers", headers=b.owner.auth, timeout=10)
+    assert answer.status_code == 201, answer.text
+    offer = answer.json()["offer"]
+    assert offer.split(":")[1:] == [b.domain, b.owner.mailbox.address]
+    secret = f"may I write to you, bob? {uuid.uuid4().hex}"
+    sent = _cli(a, "mail", "send", "--key", alice_key, "--to", bob, "--text", secret, "--handshake-offer", offer)
+    request_id = json.loads(sent)["id"]
+    try:
+        entry = _wait("the handshake request's state on A", lambda: state_on_a(request_id, "delivered"))
+    except AssertionError:
+        raise AssertionError(f"{a.get(f'/api/v1/messages/{request_id}')}\n{_logs(tmp_path / 'logs')}") from None
+    assert entry["reason"].startswith("2.0.0")
+    assert entry["peer"] == {"host": b.domain, "sealed_by": "client"}  # the owner API shows where it went
+    (filed,) = _wait("the request in bob's handshake folder", lambda: folder_on_b("handshake"))
+    copy = b.get(f"/api/v1/messages/{filed['id']}")
+    assert copy["mtp"]["intent"] == "handshake_request" and copy["sender"]["from"].startswith(f"did:web:{a.domain}#")
+    assert secret.encode() in open_sealed(copy["body"], b.owner.private_jwk)
+
+    # The same offer again: B does not honour a used nonce (5.8.9 back to A), nothing more is filed.
+    answer = requests.post(
+        f"{a.url}/api/v1/messages",
+        json={"to": [bob], "text": "again with the same nonce", "handshake_offer": offer},
+        headers=a.owner.auth,
+        timeout=10,
+    )
+    assert answer.status_code == 202, answer.text
+    refused = _wait("the reused offer's state on A", lambda: state_on_a(answer.json()["id"], "failed"))
+    assert refused["reason"].startswith("5.8.9")
+    assert len(folder_on_b("handshake")) == 1 and folder_on_b("inbox") == []
+
+    # A malformed offer, or an offer with more than its owner as recipients: 400 naming the field.
+    for fields in ({"to": [bob], "handshake_offer": "nonce:only"}, {"to": [bob, "x@a.test"], "handshake_offer": offer}):
+        answer = requests.post(
+            f"{a.url}/api/v1/messages", json={**fields, "text": "x"}, headers=a.owner.auth, timeout=10
+        )
+        assert answer.status_code == 400 and answer.json()["error"].startswith("handshake_offer: "), answer.text
+
+    # bob approves alice (her full did:web sender key) on B; her next message from A's CLI reaches his inbox.
+    alice_did = copy["sender"]["from"]
+    assert alice_did == f"did:web:{a.domain}#{a.owner.mailbox.address}"
+    approved = json.loads(_cli(b, "handshake", "approve", alice_did, "--key", bob_key))
+    assert approved["status"] == "accepted"
+    secret = f"thanks for accepting {uuid.uuid4().hex}"
+    msg_id = json.loads(_cli(a, "mail", "send", "--key", alice_key, "--to", bob, "--text", secret))["id"]
+    assert _wait("alice's message on A", lambda: state_on_a(msg_id, "delivered"))["reason"].startswith("2.0.0")
+    (inbox,) = _wait("alice's message in bob's inbox", lambda: folder_on_b("inbox"))
+    assert secret.encode() in open_sealed(b.get(f"/api/v1/messages/{inbox['id']}")["body"], b.owner.private_jwk)
+
+    # A body the client sealed cannot go to an SMTP recipient: that one fails saying so, bob still gets it.
+    smtp_domain = f"s{uuid.uuid4().hex[:8]}.example.test"
+    knot_dns.set(smtp_domain, "MX", "10 mx.example.test.")
+    carol = f"carol@{smtp_domain}"
+    resolved = requests.post(
+        f"{a.url}/api/v1/recipients/resolve", json={"addresses": [bob]}, headers=a.owner.auth, timeout=10
+    ).json()
+    bobs = resolved["recipients"][0]
+    to = [Recipient(bobs["kid"], parse_did_document(bobs["did_document"]).x25519_public or b"")]
+    to.append(Recipient(resolved["owner"]["kid"], a.owner.keys.x25519_public))
+    sealed = seal_for_peers(b"Subject: both\r\n\r\nsealed on the client", to, b'{"from":"alice"}')
+    answer = requests.post(
+        f"{a.url}/api/v1/messages", json={"to": [bob, carol], "sealed": sealed}, headers=a.owner.auth, timeout=10
+    )
+    assert answer.status_code == 202, answer.text
+    msg_id = answer.json()["id"]
+
+    def carols() -> dict[str, Any] | None:
+        entry = next(r for r in a.get(f"/api/v1/messages/{msg_id}")["recipients"] if r["address"] == carol)
+        return entry if entry["state"] == "failed" else None
+
+    assert _wait("carol's state on A", carols)["reason"].startswith("sealed by the client: SMTP recipients need")
+    assert _wait("bob's state on A", lambda: state_on_a(msg_id, "delivered"))["peer"]["sealed_by"] == "client"

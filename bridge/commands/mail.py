@@ -38,6 +38,11 @@ def register(verbs: Any) -> None:
     sending.add_argument("--in-reply-to", help="the Message-ID this answers")
     sending.add_argument("--raw", help="send this RFC 5322 file as it is (recipients from its To/Cc/Bcc)")
     sending.add_argument("--key", help="your key file: seal here, to Mailio recipients' keys and yours (end to end)")
+    sending.add_argument(
+        "--handshake-offer",
+        metavar="OFFER",
+        help="the recipient's offer (NONCE:DOMAIN:0xADDRESS): send it to that Mailio user as a handshake request",
+    )
     status = client_parser(mail, "status", "each recipient's delivery state of a sent message", cmd_mail_status)
     status.add_argument("id")
     resend = client_parser(
@@ -91,6 +96,7 @@ def cmd_mail_send(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot read {exc.filename}: {exc.strerror or exc.__class__.__name__}") from None
     except UnicodeDecodeError:
         raise CommandError(f"{args.html_file} is not UTF-8 text") from None
+    document |= {"handshake_offer": args.handshake_offer} if args.handshake_offer else {}
     print(json.dumps(api("POST", args, "/api/v1/messages", document)))
     return 0
 

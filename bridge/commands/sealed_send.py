@@ -70,6 +70,7 @@ def cmd_mail_send_sealed(args: argparse.Namespace) -> int:
     sealed = seal_for_peers(outgoing.wire, recipients, aad)
     lists = {"to": args.to, "cc": args.cc, "bcc": args.bcc} if not args.raw else {"to": outgoing.recipients}
     submission = {"sealed": sealed, **{k: v for k, v in lists.items() if v}, "from": outgoing.from_address}
+    submission |= {"handshake_offer": args.handshake_offer} if args.handshake_offer else {}
     print(json.dumps(api("POST", args, "/api/v1/messages", submission)))
     return 0
 

@@ -198,6 +198,14 @@ def deliver_postal(owner: str, msg_id: str) -> dict[str, int]:
         return _deliver(bridge, owner, msg_id)[0]
 
 
+def _no_copy_reason(bridge: Bridge, owner: str, msg_id: str) -> str:
+    """Why SMTP recipients have no plaintext to get: the owner's client sealed the message (the server never
+    had one: ``sealed_by`` on the sent record, ``bridge.web.recipients``), or the spool copy is gone."""
+    if (bridge.messages.get_record(owner, msg_id) or {}).get("sealed_by") == "client":
+        return "sealed by the client: SMTP recipients need a plaintext copy (send it to them without --key)"
+    return "the copy to send is no longer kept: send it again"
+
+
 def _deliver_first(bridge: Bridge, owner: str, msg_id: str, routes: dict[str, tuple[str, str | None]]) -> dict:
     """The routing job's first attempt at its SMTP recipients, under the delivery lock; ``routes`` are
     recorded with it. Returns the record as it is afterwards."""
@@ -239,7 +247,7 @@ def _deliver(
         _drop_spool_when_done(bridge, owner, msg_id, record)
         return {}, record
     if spooled is None:
-        outbound.set_states(owner, msg_id, todo, FAILED, "the copy to send is no longer kept: send it again")
+        outbound.set_states(owner, msg_id, todo, FAILED, _no_copy_reason(bridge, owner, msg_id))
         return {"failed": len(todo)}, None
     if client is None:
         return _not_sent(bridge, owner, msg_id, todo, "Postal's send API is not configured", first), None

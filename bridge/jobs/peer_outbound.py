@@ -13,7 +13,10 @@ recipient routed ``mailio`` and still ``queued``, resolves their keys through th
 
 The body: what the owner's client sealed (``sealed_by: client`` on the sent record: sent as it is,
 trimmed to each host's recipients), else the spool's plaintext sealed here to the recipients' keys;
-every recipient's reason says which. One job per message at a time (a Redis lock). Arguments are ids.
+every recipient's reason says which. A message submitted with a ``handshake_offer`` (sent record) goes to
+the offer's owner as intent ``handshake_request`` with its nonce; the offer's owner's server files it in
+``handshake`` (5.8.9 back when the nonce is unknown, used or expired). One job per message at a time (a
+Redis lock). Arguments are ids.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from bridge.jobs.outbound import RetryLater, _drop_spool_when_done, _last_try, m
 from bridge.jobs.queue import enqueue
 from bridge.mailio.discovery import MAILIO
 from bridge.mailio.identity import did_web
+from bridge.mailio.offer import Offer, parse_offer
 from bridge.mailio.peer_send import NotSent, PeerSender, Resolution, Sent, for_host, seal_for_peers
 from bridge.mailio.server_key import ServerKeyError, load_server_key
 from bridge.sealing import Recipient
@@ -99,10 +103,20 @@ def _deliver(bridge: Bridge, owner: str, msg_id: str) -> dict[str, int]:
         else:
             by_host[str(found.host)].append(found)
     from_did = did_web(bridge.settings.domain, owner)
+    offer = parse_offer(sent_record["handshake_offer"]) if sent_record.get("handshake_offer") else None
     for host, group in by_host.items():
+        if offer is not None:
+            group, refused = _offer_group(offer, group)
+            for item in refused:
+                reason = f"the handshake offer is {offer.address}'s at {offer.domain}, not this recipient's"
+                outbound.set_state(owner, msg_id, item.address, FAILED, reason)
+                counts["failed"] += 1
+            if not group:
+                continue
         sealed_by = SEALED_BY_CLIENT if isinstance(body, dict) else SEALED_BY_SERVER
         _note_peers(bridge, owner, msg_id, group, sealed_by)  # before posting: the delivery may beat the receipt
-        outcome, how, covered = _send_to_host(peer, host, msg_id, from_did, body, group)
+        nonce = offer.nonce if offer is not None else ""
+        outcome, how, covered = _send_to_host(peer, host, msg_id, from_did, body, group, nonce)
         for item in group:
             if isinstance(outcome, Sent) and item.kid in covered:
                 outbound.set_state(owner, msg_id, item.address, ACCEPTED, f"taken by {host} (signed receipt); {how}")
@@ -143,12 +157,28 @@ def _body(bridge: Bridge, owner: str, msg_id: str, sent_record: dict[str, Any]) 
     return spooled[1] if spooled else None
 
 
+def _offer_group(offer: Offer, group: list[Resolution]) -> tuple[list[Resolution], list[Resolution]]:
+    """Who of a host's recipients the handshake offer is for (its owner's 0x address; the send API allows one
+    recipient), and who it is not: a handshake request goes to the offer's owner only."""
+    mine = [item for item in group if str(item.kid).rpartition("#")[2] == offer.address]
+    return mine, [item for item in group if item not in mine]
+
+
 def _send_to_host(
-    peer: PeerSender, host: str, msg_id: str, from_did: str, body: bytes | dict[str, Any], group: list[Resolution]
+    peer: PeerSender,
+    host: str,
+    msg_id: str,
+    from_did: str,
+    body: bytes | dict[str, Any],
+    group: list[Resolution],
+    nonce: str = "",
 ) -> tuple[Sent | NotSent, str, list[str]]:
-    """One envelope to one host: the outcome, how the body was sealed, and the kids it is sealed to."""
+    """One envelope to one host: the outcome, how the body was sealed, and the kids it is sealed to; with an
+    offer's ``nonce``, a handshake request."""
     if isinstance(body, dict):
         sealed, kids = for_host(body, host)
+        if nonce:  # a handshake request is for the offer's owner alone
+            sealed, kids = _only(sealed, [str(item.kid) for item in group])
         how = "sealed by the owner's client"
         if not kids:
             return NotSent("the body sealed by the client has no key for this host's recipients", False), how, kids
@@ -157,7 +187,15 @@ def _send_to_host(
         aad = json.dumps({"from": from_did}, separators=(",", ":")).encode()
         sealed = seal_for_peers(body, [Recipient(str(item.kid), item.x25519 or b"") for item in group], aad)
         how = "sealed by the server"
-    return peer.deliver(host, msg_id, from_did, sealed, kids), how, kids
+    if nonce:
+        how += "; a handshake request"
+    return peer.deliver(host, msg_id, from_did, sealed, kids, nonce), how, kids
+
+
+def _only(sealed: dict[str, Any], kids: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The JWE trimmed to the recipient entries of ``kids``."""
+    entries = [r for r in sealed.get("recipients") or () if r.get("header", {}).get("kid") in kids]
+    return {**sealed, "recipients": entries}, [r["header"]["kid"] for r in entries]
 
 
 def _not_sent(bridge: Bridge, owner: str, msg_id: str, addresses: list[str], reason: str) -> dict[str, int]:

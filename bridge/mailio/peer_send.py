@@ -46,6 +46,7 @@ from bridge.mailio.mtp import (
     DID_LOOKUP_REQUEST,
     DID_LOOKUP_RESPONSE,
     DIDCOMM_REQUEST,
+    INTENT_HANDSHAKE_REQUEST,
     INTENT_MESSAGE,
     TYPE_ENCRYPTED,
     MtpError,
@@ -57,6 +58,7 @@ from bridge.mailio.mtp import (
     sign_request,
     verify,
 )
+from bridge.mailio.offer import nonce_body
 from bridge.mailio.peers import PeerClient, PeerError, PeerUnavailable
 from bridge.sealing import CONTENT_ENCRYPTION, KEY_ALGORITHM, Recipient
 
@@ -243,8 +245,15 @@ class PeerSender:
 
     # --- sending -----------------------------------------------------------------------------------------
 
-    def deliver(self, host: str, msg_id: str, from_did: str, sealed: dict[str, Any], kids: list[str]) -> Sent | NotSent:
-        """POST one message to ``host``; a fresh timestamp each call, the same ``id`` (the peer dedupes on it)."""
+    def deliver(
+        self, host: str, msg_id: str, from_did: str, sealed: dict[str, Any], kids: list[str], nonce: str = ""
+    ) -> Sent | NotSent:
+        """POST one message to ``host``; a fresh timestamp each call, the same ``id`` (the peer dedupes on it).
+
+        ``nonce``: a handshake offer's (mailio.md section 4): the message goes as intent ``handshake_request``
+        with ``plainBodyBase64`` = base64 of JSON ``{"nonce": ...}`` (mtp-wire.md section 3), and the peer
+        files it in its owner's ``handshake`` folder if the nonce is live and theirs.
+        """
         try:
             route = self.discovery.discover(host)
         except InvalidDomain:
@@ -259,8 +268,9 @@ class PeerSender:
             to=kids,
             thid=msg_id,
             created_time=now,
-            intent=INTENT_MESSAGE,
+            intent=INTENT_HANDSHAKE_REQUEST if nonce else INTENT_MESSAGE,
             body=jwe_body(sealed),
+            plain_body_base64=nonce_body(nonce) if nonce else "",
         )
         body = body_bytes(sign_request(DIDCOMM_REQUEST, did_comm_request(message, now), self.server_key, self.domain))
         try:

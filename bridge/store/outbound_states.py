@@ -84,9 +84,15 @@ def normalize_message_id(value: str) -> str:
 
 
 def public_recipients(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """What the owner's API shows of each recipient (attempts and Postal's event history stay inside)."""
+    """What the owner's API shows of each recipient (attempts and Postal's event history stay inside); for a
+    Mailio recipient ``peer``: the host it was sent to and who sealed what it got (``client``/``server``)."""
     names = ("address", "route", "state", "reason", "updated_at", "postal")
-    return [{name: entry[name] for name in names} for entry in record["recipients"]]
+    return [{**{name: entry[name] for name in names}, "peer": _public_peer(entry)} for entry in record["recipients"]]
+
+
+def _public_peer(entry: dict[str, Any]) -> dict[str, Any] | None:
+    peer = entry.get("peer")
+    return {"host": peer.get("host"), "sealed_by": peer.get("sealed_by")} if isinstance(peer, dict) else None
 
 
 def apply_event(entry: dict[str, Any], event: PostalEvent) -> str:

@@ -124,15 +124,17 @@ def sent_record(mailbox: Mailbox, msg_id: str, outgoing: Outgoing, size: int, **
     }
 
 
-def store_client_sealed(bridge: Bridge, mailbox: Mailbox, msg_id: str, outgoing: Outgoing, sealed: dict) -> None:
+def store_client_sealed(
+    bridge: Bridge, mailbox: Mailbox, msg_id: str, outgoing: Outgoing, sealed: dict, **extra: Any
+) -> None:
     """Store a message the client sealed: its JWE is the owner's sent copy and what Mailio peers receive.
 
     No spool copy (the server has no plaintext): recipients that turn out to need one (SMTP) fail.
     The record says ``sealed_by: client``; it is written before the outbound record, so the Mailio leg
-    never sees a message without it.
+    never sees a message without it. ``extra``: more members of the sent record (``handshake_offer``).
     """
     body = json.dumps(sealed, separators=(",", ":")).encode()
-    record = sent_record(mailbox, msg_id, outgoing, len(body), sealed_by=SEALED_BY_CLIENT)
+    record = sent_record(mailbox, msg_id, outgoing, len(body), sealed_by=SEALED_BY_CLIENT, **extra)
     bridge.messages.create_body(mailbox.address, msg_id, body)
     bridge.messages.put_record(record)
     bridge.outbound.create(mailbox.address, msg_id, f"<{outgoing.message_id}>", outgoing.recipients)

@@ -1,7 +1,9 @@
 """Sending: ``POST /api/v1/messages`` (the owner's Bearer token).
 
 The body is ``{"raw": "<base64 RFC 5322>"}`` or fields ``{to, cc, bcc, subject, text, html, attachments,
-in_reply_to, from}`` (``bridge.mail.compose``). Before the 202, in this order, every step durable:
+in_reply_to, from}`` (``bridge.mail.compose``), either with ``handshake_offer`` (a Mailio recipient's offer
+``<nonce>:<server domain>:<owner address>``: sent to that one recipient as a handshake request, the offer
+kept on the sent record for the Mailio leg). Before the 202, in this order, every step durable:
 
 1. the owner's copy (Bcc kept) sealed to the owner's X25519 key like inbound mail, its record in the
    JWE's ``aad``, create-only under ``mail/<owner>/<id>.jwe``: the server keeps no key that opens it;
@@ -46,6 +48,7 @@ from bridge.errors import RedisUnavailable
 from bridge.jobs.outbound import enqueue_delivery, enqueue_route
 from bridge.mail.compose import ComposeError, Outgoing, from_fields, from_raw
 from bridge.mailio.discovery import InvalidDomain, normalize_domain
+from bridge.mailio.offer import parse_offer
 from bridge.sealing import seal, sealed_chunks
 from bridge.store.index import PREFIX, REDIS_ERRORS
 from bridge.store.mailboxes import Mailbox, MailboxError, normalize_email
@@ -79,6 +82,9 @@ def send_message(bridge: Bridge, mailbox: Mailbox) -> Response:
     del body
     if not isinstance(document, dict):
         return error('the body must be a JSON object: {"raw": ...} or {"to": [...], "subject": ..., ...}', 400)
+    offer, refused = _handshake_offer(document)
+    if refused:
+        return error(refused, 400)
     sealed, refused = sealed_submission(document, mailbox, settings.domain)  # sealed by the owner's client
     if refused:
         return error(refused, 400)
@@ -91,16 +97,19 @@ def send_message(bridge: Bridge, mailbox: Mailbox) -> Response:
         return error("message too large", 413)
     if not outgoing.recipients:
         return error("to: no recipients (to, cc and bcc are all empty)", 400)
+    if offer and len(outgoing.recipients) != 1:
+        return error("handshake_offer: give exactly one recipient, the offer's owner", 400)
     if not _may_send_as(mailbox, outgoing.from_address):
         return error("from: not this mailbox's address or one of its aliases", 403)
     if len(outgoing.wire) > settings.max_message_bytes or len(outgoing.owner_copy) > settings.max_message_bytes:
         return error("message too large", 413)
     if not _take_quota(bridge, mailbox.address, len(outgoing.recipients)):
         return error("send limit reached for this hour", 429)
+    extra = {"handshake_offer": offer} if offer else {}  # the Mailio leg reads it (bridge.jobs.peer_outbound)
     if sealed is not None:
-        store_client_sealed(bridge, mailbox, msg_id, outgoing, sealed)  # bridge.web.recipients
+        store_client_sealed(bridge, mailbox, msg_id, outgoing, sealed, **extra)  # bridge.web.recipients
     else:
-        _store(bridge, mailbox, msg_id, outgoing)
+        _store(bridge, mailbox, msg_id, outgoing, **extra)
     enqueue_route(bridge, mailbox.address, msg_id)
     log.info("send: %s queued for %d recipient(s)", msg_id, len(outgoing.recipients))
     response = jsonify({"id": msg_id})
@@ -110,6 +119,17 @@ def send_message(bridge: Bridge, mailbox: Mailbox) -> Response:
 
 class _TooLarge(Exception):
     pass
+
+
+def _handshake_offer(document: dict[str, Any]) -> tuple[str, str]:
+    """Pop ``handshake_offer`` (``<nonce>:<server domain>:<owner address>``, from the recipient's owner):
+    the message then goes to that Mailio user as a handshake request. Returns (the offer or "", a reason)."""
+    if "handshake_offer" not in document:
+        return "", ""
+    try:
+        return str(parse_offer(document.pop("handshake_offer"))), ""
+    except ValueError as exc:
+        return "", f"handshake_offer: {exc}"
 
 
 def _compose(document: dict[str, Any], mailbox: Mailbox, new_id: str, max_bytes: int) -> Outgoing:
@@ -172,8 +192,8 @@ def _take_quota(bridge: Bridge, owner: str, recipients: int) -> bool:
     return True
 
 
-def _store(bridge: Bridge, mailbox: Mailbox, msg_id: str, outgoing: Outgoing) -> None:
-    record = sent_record(mailbox, msg_id, outgoing, len(outgoing.owner_copy))
+def _store(bridge: Bridge, mailbox: Mailbox, msg_id: str, outgoing: Outgoing, **extra: Any) -> None:
+    record = sent_record(mailbox, msg_id, outgoing, len(outgoing.owner_copy), **extra)
     aad = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
     sealed = seal(outgoing.owner_copy, [mailbox.recipient(bridge.settings.domain)], aad)
     bridge.messages.create_body(mailbox.address, msg_id, sealed_chunks(sealed))
