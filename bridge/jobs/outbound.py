@@ -7,7 +7,8 @@ unrouted (or held for the Mailio leg), and records every route in one update of 
   is the next issue's): never sent over SMTP instead, never dropped;
 * ``smtp`` -> route ``smtp``, and the first attempt to hand them to Postal is made at once, in the routing
   job (the same code as ``deliver_postal``, under the same per-message lock ``message_lock``; the routes are
-  recorded in the update that marks that first call): one RQ job and one record write fewer per message.
+  recorded in the update that marks that first call, or before it when a Mailio leg is queued too, so that it
+  need not wait for the Postal calls): one RQ job and one record write fewer per message.
   A ``deliver_postal`` job is queued only when that attempt was provably not sent (retried after the first
   of BRIDGE_OUTBOUND_RETRY_DELAYS, then RQ retries it after the rest), or when another delivery job of the
   message held the lock;
@@ -148,15 +149,18 @@ def route_message(owner: str, msg_id: str) -> dict[str, int]:
         else:
             chosen = ("none", f"no mail service: {reason}")
         routes |= dict.fromkeys(addresses, chosen)
+    ready = mailio_ready(bridge)
     first_call = any(kind == SMTP for kind, _ in routes.values())
-    if first_call:  # the routes are recorded with the first call to Postal
-        record = _deliver_first(bridge, owner, msg_id, routes)
-    elif routes:
-        record = bridge.outbound.set_routes(owner, msg_id, routes)
-    if not first_call and any(e["route"] == SMTP and e["state"] == QUEUED for e in record["recipients"]):
-        enqueue_delivery(bridge, owner, msg_id)  # routed by an earlier run of this job
-    if mailio_ready(bridge) and any(e["route"] == MAILIO and e["state"] == QUEUED for e in record["recipients"]):
+    # The routes are recorded with the first call to Postal, unless there is no such call, or the Mailio leg
+    # must see its routes first (it starts before the Postal calls end, as when they were a job of their own).
+    if routes and (not first_call or (ready and any(kind == MAILIO for kind, _ in routes.values()))):
+        record, routes = bridge.outbound.set_routes(owner, msg_id, routes), {}
+    if ready and any(e["route"] == MAILIO and e["state"] == QUEUED for e in record["recipients"]):
         enqueue_mailio(bridge, owner, msg_id)  # the Mailio leg: bridge.jobs.peer_outbound
+    if first_call:
+        record = _deliver_first(bridge, owner, msg_id, routes)
+    elif any(e["route"] == SMTP and e["state"] == QUEUED for e in record["recipients"]):
+        enqueue_delivery(bridge, owner, msg_id)  # routed by an earlier run of this job
     if bridge.contacts.unrecorded(owner, [e["address"] for e in record["recipients"]]):
         enqueue_contacts(bridge, owner, msg_id)  # after the first call to Postal, off its path
     if waiting:
