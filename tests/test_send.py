@@ -239,6 +239,24 @@ def test_a_leftover_sending_mark_is_uncertain_not_resent(
     assert postal.accepted[rcpt] == 0
 
 
+def test_routing_sends_once_and_leaves_a_busy_message_to_a_delivery_job(
+    client: Any, bridge: Bridge, owner: Owner, postal: PostalSendAPI, domains: dict[str, str]
+) -> None:
+    from bridge.jobs.outbound import DELIVER_TIMEOUT, message_lock
+
+    rcpt = f"ivy@{domains['smtp']}"
+    msg_id = send(client, owner, to=[rcpt], subject="s", text="t").get_json()["id"]
+    # Another delivery job of this message holds its lock (an owner's resend, say): routing must not send.
+    with message_lock(bridge, "deliver", owner.mailbox.address, msg_id, DELIVER_TIMEOUT) as held:
+        assert held
+        run_jobs(bridge, 1)  # the routing job
+        state = recipients(client, owner, msg_id)[rcpt]
+        assert state["route"] == "smtp" and state["state"] == "queued" and postal.accepted[rcpt] == 0
+    run_worker(bridge)  # the delivery job routing queued for it
+    assert recipients(client, owner, msg_id)[rcpt]["state"] == "accepted"
+    assert postal.accepted[rcpt] == 1 and postal.duplicates() == {}
+
+
 def test_a_thousand_recipient_message_is_routed_in_bulk_and_tracked_per_recipient(
     client: Any, bridge: Bridge, owner: Owner, postal: PostalSendAPI, domains: dict[str, str]
 ) -> None:
