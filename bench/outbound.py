@@ -18,7 +18,7 @@ in one run against one local send-API server (tests/postal_api.py, written from 
 * **RQ's share**: the same number of jobs that do nothing, queued and run by the same worker, so that the part
   of the overhead that is RQ's own bookkeeping (per job, whatever it does) shows apart from the bridge's code;
 * a round's clock stops when its last job ends: a burst worker's exit (it joins its pub/sub thread, ~1 s) is not
-  a cost per delivery, and before 2026-11-30 18:00 it was counted in both the bridge's and RQ's rows;
+  a cost per delivery, and in reports before 2026-11-30 17:53 it was counted in both the bridge's and RQ's rows;
 * **cached discovery**: ``discover()`` of a domain already looked up, as the routing job calls it (answered
   from the process's memory for up to a second, else from Redis), beside the same lookup with the memory
   turned off (from Redis) and a plain Redis GET of the same entry;
