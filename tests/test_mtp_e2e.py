@@ -101,10 +101,10 @@ def _logs(logs: Path) -> str:
     return "\n".join(f"{p.name}: {p.read_text(errors='replace')[-2000:]}" for p in sorted(logs.iterdir()))
 
 
-def _side(
-    tmp_path: Path, name: str, domain: str, host: str, redis_url: str, signer: PostalSigner, knot: KnotDNS
+def make_side(
+    root: Path, name: str, domain: str, host: str, redis_url: str, signer: PostalSigner, knot: KnotDNS
 ) -> Side:
-    data = tmp_path / name
+    data = root / name
     data.mkdir()
     env = bridge_environment(
         data,
@@ -121,21 +121,30 @@ def _side(
     return Side(domain, host, free_port(), env, data)
 
 
+def make_pair(
+    root: Path, redis_urls: tuple[str, str], signer: PostalSigner, knot: KnotDNS, **extra: str
+) -> tuple[Side, Side]:
+    """Bridges A (alice, 127.0.0.2) and B (bob, 127.0.0.3), each told where the other listens, their server
+    keys made and published in Knot, ready for :func:`bridge_processes` (``extra``: more settings for both;
+    ``bench.mtp`` uses this too)."""
+    tag = uuid.uuid4().hex[:10]
+    a = make_side(root, "a", f"a{tag}.mailio.test", "127.0.0.2", redis_urls[0], signer, knot)
+    b = make_side(root, "b", f"b{tag}.mailio.test", "127.0.0.3", redis_urls[1], signer, knot)
+    for this, other in ((a, b), (b, a)):
+        this.env |= extra
+        this.env["BRIDGE_PUBLIC_URL"] = this.url
+        this.env["BRIDGE_PEER_URLS"] = f"{other.domain}={other.url}"
+        settings = Settings.from_env(this.env)
+        knot.set_txt(f"mailio._mailiokey.{this.domain}", txt_record(create_server_key(settings.server_key_path)))
+        this.owner = make_owner(Bridge(settings), f"{'alice' if this is a else 'bob'}@{this.domain}")
+    return a, b
+
+
 @pytest.fixture(name="sides")
 def sides_fixture(
     tmp_path: Path, redis_url: str, postal_signer: PostalSigner, knot_dns: KnotDNS
 ) -> Iterator[tuple[Side, Side]]:
-    tag = uuid.uuid4().hex[:10]
-    a = _side(tmp_path, "a", f"a{tag}.mailio.test", "127.0.0.2", redis_url, postal_signer, knot_dns)
-    b = _side(
-        tmp_path, "b", f"b{tag}.mailio.test", "127.0.0.3", redis_url.rsplit("/", 1)[0] + "/1", postal_signer, knot_dns
-    )
-    for this, other in ((a, b), (b, a)):
-        this.env["BRIDGE_PUBLIC_URL"] = this.url
-        this.env["BRIDGE_PEER_URLS"] = f"{other.domain}={other.url}"
-        settings = Settings.from_env(this.env)
-        knot_dns.set_txt(f"mailio._mailiokey.{this.domain}", txt_record(create_server_key(settings.server_key_path)))
-        this.owner = make_owner(Bridge(settings), f"{'alice' if this is a else 'bob'}@{this.domain}")
+    a, b = make_pair(tmp_path, (redis_url, redis_url.rsplit("/", 1)[0] + "/1"), postal_signer, knot_dns)
     logs = tmp_path / "logs"
     logs.mkdir()
     with bridge_processes((a, b), logs):
