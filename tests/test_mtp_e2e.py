@@ -309,6 +309,25 @@ def test_a_handshake_request_across_servers_then_approval_brings_alices_mail_to_
     assert refused["reason"].startswith("5.8.9")
     assert len(folder_on_b("handshake")) == 1 and folder_on_b("inbox") == []
 
+    # bob's offer on a message to carl, another user of B: A sends nothing and says whose offer it is.
+    carl = make_owner(Bridge(Settings.from_env(b.env)), f"carl@{b.domain}")
+    fresh = requests.post(f"{b.url}/api/v1/handshake-offers", headers=b.owner.auth, timeout=10).json()["offer"]
+    answer = requests.post(
+        f"{a.url}/api/v1/messages",
+        json={"to": [carl.mailbox.email], "text": "not for carl", "handshake_offer": fresh},
+        headers=a.owner.auth,
+        timeout=10,
+    )
+    assert answer.status_code == 202, answer.text
+
+    def carls_state() -> dict[str, Any] | None:
+        (entry,) = a.get(f"/api/v1/messages/{answer.json()['id']}")["recipients"]
+        return entry if entry["state"] == "failed" else None
+
+    reason = _wait("carl's state on A", carls_state)["reason"]
+    assert reason == f"the handshake offer is {b.owner.mailbox.address}'s at {b.domain}, not this recipient's"
+    assert Bridge(Settings.from_env(b.env)).offers.redeem(fresh.split(":")[0]) == b.owner.mailbox.address
+
     # A malformed offer, or an offer with more than its owner as recipients: 400 naming the field.
     for fields in ({"to": [bob], "handshake_offer": "nonce:only"}, {"to": [bob, "x@a.test"], "handshake_offer": offer}):
         answer = requests.post(
