@@ -33,6 +33,7 @@ from bridge.settings import Settings
 from tests.conftest import DOMAIN, Owner, bridge_environment, make_owner
 from tests.postal_sim import RETRY, PostalSigner, PostalSimulator, new_message, raw_payload
 from tests.servers import RedisServer, StoreDir, free_port, kill_redis, log_tail, stop_process
+from tests.webproc import worker_process
 
 ROOT = Path(__file__).resolve().parents[1]
 #: After the last fault and the last delivery: the sweeper runs every 10 s, retries within seconds.
@@ -53,14 +54,7 @@ class Stack:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start_worker(self) -> None:
-        with open(self.logs / "worker.log", "ab") as log:
-            self.worker = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "worker"],
-                cwd=ROOT,
-                env={**os.environ, **self.env, "PYTHONPATH": str(ROOT)},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.worker = worker_process(self.env, self.logs / "worker.log")
 
     def worker_log(self) -> str:
         return (self.logs / "worker.log").read_text(errors="replace")

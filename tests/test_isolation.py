@@ -107,7 +107,9 @@ ROUTE_IDS = [route[0] for route in ROUTES]
 
 
 def test_the_table_covers_every_owner_endpoint(app: Flask) -> None:
-    endpoints = {rule.endpoint for rule in app.url_map.iter_rules() if rule.endpoint.startswith(("api.", "send.", "recipients."))}
+    endpoints = {
+        rule.endpoint for rule in app.url_map.iter_rules() if rule.endpoint.startswith(("api.", "send.", "recipients."))
+    }
     assert endpoints == set(ROUTE_IDS), "a new owner endpoint needs its row in ROUTES"
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +30,7 @@ from bridge.settings import Settings
 from tests.conftest import DOMAIN, make_owner
 from tests.postal_sim import PostalSigner, raw_payload, ruby_json
 from tests.servers import log_tail, stop_process, wait_until
-from tests.webproc import ROOT, gunicorn_process
+from tests.webproc import gunicorn_process, worker_process
 
 RATE = 20.0  # deliveries per second
 WARM_UP_SECONDS = 6.0
@@ -82,14 +80,7 @@ def stack(environment: dict[str, str], tmp_path: Path) -> Iterator[dict[str, Any
     connection = redis.Redis.from_url(environment["BRIDGE_REDIS_URL"], socket_timeout=5)
     worker_log = tmp_path / "worker.log"
     with gunicorn_process(environment, tmp_path / "gunicorn.log") as (url, master):
-        with worker_log.open("wb") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "worker"],
-                cwd=ROOT,
-                env={**os.environ, **environment, "PYTHONPATH": str(ROOT)},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        worker = worker_process(environment, worker_log)
         try:
             assert wait_until(lambda: connection.scard("rq:workers") >= 1, 60), log_tail(worker_log)
             yield {

@@ -25,7 +25,7 @@ from tests.conftest import DOMAIN, SESSION_LOG, make_owner
 from tests.postal_api import API_KEY
 from tests.postal_sim import PostalSigner, raw_payload, ruby_json
 from tests.servers import stop_process, wait_until
-from tests.webproc import ROOT, gunicorn_process
+from tests.webproc import ROOT, gunicorn_process, worker_process
 
 MESSAGE = b"From: Jane <jane@example.org>\r\nSubject: hello\r\n\r\nthe secret plan\r\n"
 
@@ -51,14 +51,8 @@ def test_json_lines_a_request_id_into_the_job_and_refusals_that_say_what_to_fix(
     owner = make_owner(bridge, f"support@{DOMAIN}")
     web_log, worker_log = tmp_path / "gunicorn.log", tmp_path / "worker.log"
     stranger = PostalSigner(bits=1024)
-    with worker_log.open("wb") as out:  # started first: it takes a moment to come up, and waits for work
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "worker"],
-            cwd=ROOT,
-            env={**os.environ, **environment, "PYTHONPATH": str(ROOT)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    # started first: it takes a moment to come up, and waits for work
+    worker = worker_process(environment, worker_log)
     try:
         with gunicorn_process(environment, web_log) as (url, _pid):
             stored = post(url, postal_signer, 41, f"support@{DOMAIN}", **{"X-Request-Id": "trace-4f1c9a77e2"})

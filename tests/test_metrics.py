@@ -9,11 +9,9 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +32,7 @@ from tests.conftest import DOMAIN, bridge_environment, make_owner, run_worker
 from tests.dns_server import ZONES
 from tests.postal_sim import PostalSigner, raw_payload, ruby_json
 from tests.servers import stop_process, wait_until
-from tests.webproc import ROOT, gunicorn_process
+from tests.webproc import ROOT, gunicorn_process, worker_process
 
 MESSAGE = b"From: Jane <jane@example.org>\r\nTo: support@mail.example.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -65,14 +63,7 @@ def test_a_scrape_shows_the_totals_of_every_web_and_worker_process(environment, 
     bridge = Bridge(Settings.from_env(environment))
     make_owner(bridge, f"support@{DOMAIN}")
     web_files = Path(environment["BRIDGE_DATA_DIR"]) / "metrics" / "web"
-    with (tmp_path / "worker.log").open("wb") as log:  # its counters live in a directory of their own
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "worker"],
-            cwd=ROOT,
-            env={**os.environ, **environment, "PYTHONPATH": str(ROOT)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    worker = worker_process(environment, tmp_path / "worker.log")  # its counters live in a directory of their own
     try:
         with gunicorn_process(environment, tmp_path / "gunicorn.log") as (url, _pid):
 

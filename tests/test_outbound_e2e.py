@@ -34,7 +34,7 @@ from tests.postal_api import API_KEY, PostalSendAPI
 from tests.postal_sim import PostalSigner
 from tests.servers import stop_process
 from tests.test_send import sent_event
-from tests.webproc import gunicorn_process
+from tests.webproc import gunicorn_process, worker_process
 
 pytestmark = pytest.mark.dns
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,14 +113,8 @@ def live_fixture(
     with PostalSendAPI(verified_domains=(DOMAIN,)) as postal:
         env["BRIDGE_POSTAL_URL"] = postal.url
         owner = make_owner(Bridge(Settings.from_env(env)), f"support@{DOMAIN}")
-        with gunicorn_process(env, logs / "gunicorn.log") as (url, _), (logs / "worker.log").open("ab") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "worker"],
-                cwd=ROOT,
-                env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        with gunicorn_process(env, logs / "gunicorn.log") as (url, _):
+            worker = worker_process(env, logs / "worker.log")
             try:
                 yield Live(url, owner, postal, postal_signer, logs)
             finally:

@@ -11,10 +11,8 @@ must file it once, so the owner sees each message once.
 from __future__ import annotations
 
 import base64
-import os
 import re
 import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ from bridge.settings import Settings
 from tests.conftest import DOMAIN, Owner, bridge_environment, make_owner
 from tests.postal_sim import PostalSigner, raw_payload, ruby_json
 from tests.servers import log_tail, stop_process, wait_until
-from tests.webproc import ROOT, gunicorn_process
+from tests.webproc import gunicorn_process, worker_process
 
 MESSAGES = 24
 COPIES = 4  # deliveries of each message, two to each instance, all at once
@@ -66,14 +64,7 @@ def _host(tmp_path: Path, name: str, redis_url: str, signer: PostalSigner, bucke
 
 
 def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "bridge", "worker"],
-            cwd=ROOT,
-            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    return worker_process(env, log_path)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from bridge.store.index import EPOCH
 from tests.conftest import bridge_environment
 from tests.postal_sim import PostalSigner
 from tests.servers import RedisServer, kill_redis, stop_process, wait_until
+from tests.webproc import worker_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,14 +35,7 @@ def test_worker_waits_for_redis_comes_back_after_it_and_stops_quietly(
     server = RedisServer(tmp_path / "redis")  # not started yet: the worker must wait for it
     env = bridge_environment(tmp_path, server.url, postal_signer, nameserver=knot_dns.nameserver)
     log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "worker"],
-            cwd=ROOT,
-            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    worker = worker_process(env, log_path)
     try:
         time.sleep(2)
         assert worker.poll() is None, log_path.read_text()

@@ -51,3 +51,18 @@ def gunicorn_process(environment: dict[str, str], log_path: Path, **extra: str) 
             yield url, proc.pid
         finally:
             stop_process(proc)
+
+
+def worker_process(environment: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """Start ``python -m bridge worker`` (the deployed worker, with its scheduler), its output in ``log_path``.
+
+    The caller stops it with ``tests.servers.stop_process``.
+    """
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bridge", "worker", *args],
+            cwd=ROOT,
+            env={**os.environ, **environment, "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
