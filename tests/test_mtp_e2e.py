@@ -278,10 +278,8 @@ def test_a_handshake_request_across_servers_then_approval_brings_alices_mail_to_
     def folder_on_b(folder: str) -> list[dict[str, Any]]:
         return list(b.get(f"/api/v1/messages?folder={folder}")["messages"])
 
-    # bob asks B for an offer and gives it to alice; alice's CLI on A sends a handshake request with it.
-    answer = requests.post(f"{b.url}/api/v1/handshake-offers", headers=b.owner.auth, timeout=10)
-    assert answer.status_code == 201, answer.text
-    offer = answer.json()["offer"]
+    # bob asks B for an offer (his CLI) and gives it to alice; alice's CLI on A sends a handshake request with it.
+    offer = json.loads(_cli(b, "handshake", "offer"))["offer"]
     assert offer.split(":")[1:] == [b.domain, b.owner.mailbox.address]
     secret = f"may I write to you, bob? {uuid.uuid4().hex}"
     sent = _cli(a, "mail", "send", "--key", alice_key, "--to", bob, "--text", secret, "--handshake-offer", offer)

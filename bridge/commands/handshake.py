@@ -1,4 +1,4 @@
-"""``handshake approve|revoke|list``: the owner signs on their own machine (the server never sees the
+"""``handshake approve|revoke|list|offer``: the owner signs on their own machine (the server never sees the
 private key), then uploads the signed document to the owner API."""
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ def register(verbs: Any) -> None:
         signing.add_argument("sender", help="an e-mail address, or a Mailio sender's did:web:HOST#0x...")
         signing.add_argument("--key", required=True, help="your key file (from `mailbox add`)")
     client_parser(handshake, "list", "list your handshakes", cmd_handshake_list)
+    client_parser(
+        handshake,
+        "offer",
+        "ask your server for a single-use handshake offer (valid 5 minutes) to give a Mailio sender",
+        cmd_handshake_offer,
+    )
 
 
 def cmd_handshake_sign(args: argparse.Namespace) -> int:
@@ -55,4 +61,11 @@ def cmd_handshake_list(args: argparse.Namespace) -> int:
         print(json.dumps({k: content.get(k) for k in ("handshakeId", "status", "senderMetadata", "created")}))
     if not documents:
         say_none("no handshakes yet: `handshake approve SENDER --key FILE` makes one")
+    return 0
+
+
+def cmd_handshake_offer(args: argparse.Namespace) -> int:
+    """Print the offer as the API returns it; its ``offer`` string is what the sender passes to
+    ``mail send --handshake-offer``."""
+    print(json.dumps(api("POST", args, "/api/v1/handshake-offers")))
     return 0
