@@ -181,7 +181,8 @@ class MotoS3Server:
             raise ServerStartError(f"moto_server not found next to {sys.executable} (pip install 'moto[server]')")
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen(
-                [str(binary), "-H", LOOPBACK, "-p", str(self.port)],
+                # moto_server itself, but with atomic create-only writes (see tests/moto_atomic.py).
+                [sys.executable, str(Path(__file__).with_name("moto_atomic.py")), "-H", LOOPBACK, "-p", str(self.port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
