@@ -194,6 +194,10 @@ def _work_until_stopped(bridge: Bridge, stopping: threading.Event, housekeeping:
         worker = BridgeWorker([bridge.queue.name], connection=_worker_connection(bridge), stopping=stopping)
         try:
             worker.work(burst=False, with_scheduler=False, logging_level=bridge.settings.log_level)
+        except StopRequested:
+            # RQ's own stop handler raises this; a signal landing just outside work()'s try (while it
+            # installs its handlers or tears down) would otherwise end the worker with a traceback.
+            stopping.set()
         finally:
             # work() installs RQ's handlers; between loops ours apply again.
             _on_signals(lambda: stopping.set())
