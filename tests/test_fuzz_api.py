@@ -299,7 +299,7 @@ def send(world: World, request: dict[str, Any]) -> None:
 
 
 def test_the_owner_api_answers_every_request_deliberately(world: World) -> None:
-    @settings(max_examples=cases(3000))
+    @settings(max_examples=cases(4500))
     @given(request=api_requests(world))
     def check(request: dict[str, Any]) -> None:
         send(world, request)

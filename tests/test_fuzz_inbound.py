@@ -444,7 +444,7 @@ DELIVERY = {200, 400, 404, 413}  # stored/duplicate, malformed, unknown mailbox,
 
 @pytest.mark.parametrize("fmt", ["RawMessage", "Hash"])
 def test_signed_structured_garbage_gets_a_deliberate_answer(endpoint: Endpoint, fmt: str) -> None:
-    @settings(max_examples=cases(700))
+    @settings(max_examples=cases(1200))
     @given(request=signed_requests(fmt))
     def check(request: tuple[bytes, dict[str, str]]) -> None:
         endpoint.post(*request, allowed=DELIVERY)
@@ -463,7 +463,7 @@ deep_bodies = st.builds(
 )
 
 
-@settings(max_examples=cases(1800))
+@settings(max_examples=cases(3000))
 @given(
     body=st.one_of(st.binary(max_size=2000), deep_bodies),
     content_type=content_types,
@@ -522,7 +522,7 @@ def bad_signatures(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
     return Blob(body), headers
 
 
-@settings(max_examples=cases(1500))
+@settings(max_examples=cases(2500))
 @given(request=bad_signatures())
 def test_unsigned_or_badly_signed_is_401_and_stores_nothing(
     endpoint: Endpoint, request: tuple[bytes, dict[str, str]]

@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -50,8 +51,15 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, frozenset(labels.items())), 0.0)
 
 
+RECEIVED_AT = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
+
+
 def payload(postal_id: int, rcpt: str = f"support@{DOMAIN}") -> dict:
-    return raw_payload(postal_id=postal_id, rcpt_to=rcpt, mail_from="jane@example.org", message=MESSAGE)
+    # A fixed time: Postal's retry resends the same bytes (a Received: line dated "now" would differ
+    # when a second passes between the first delivery and its retry).
+    return raw_payload(
+        postal_id=postal_id, rcpt_to=rcpt, mail_from="jane@example.org", message=MESSAGE, received_at=RECEIVED_AT
+    )
 
 
 def delivery(signer: PostalSigner, postal_id: int, rcpt: str = f"support@{DOMAIN}") -> tuple[bytes, dict[str, str]]:
