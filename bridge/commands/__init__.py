@@ -9,7 +9,6 @@ A command that cannot do what was asked raises ``CommandError``: one line on std
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +106,11 @@ def load_key_file(path: str) -> tuple[dict[str, Any], Any]:
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Create a file only its owner can read; refuse to overwrite an existing key."""
+    from bridge.mailio.server_key import create_private_file
+
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        create_private_file(path, data)
     except FileExistsError:
         raise CommandError(f"{path} exists already; not overwriting a key file") from None
     except OSError as exc:
         raise CommandError(f"cannot write {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)

@@ -33,21 +33,27 @@ _cache: dict[Path, Ed25519PrivateKey] = {}
 _lock = threading.Lock()
 
 
+def create_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file only its owner can read (0600, ``O_EXCL``: an existing file is never
+    replaced, ``FileExistsError``), flushed to disk. Every private key file the bridge writes goes here."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def create_server_key(path: Path) -> Ed25519PrivateKey:
     """A fresh key from the OS CSPRNG, written 0600 with O_EXCL: an existing file is never replaced."""
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        create_private_file(path, pem)
     except FileExistsError:
         raise ServerKeyError(f"{path} exists already; not overwriting the server key") from None
     except OSError as exc:
         raise ServerKeyError(f"cannot create {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-        handle.flush()
-        os.fsync(handle.fileno())
     return key
 
 
